@@ -103,7 +103,7 @@ def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
 
     A crash or an error leaves ``out`` as it was (absent, or the previous complete version).
     """
-    out = Path(out)
+    out = Path(out).absolute()  # orbax requires absolute paths
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"{out} already exists and is not empty; choose another output or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,7 @@ def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> LlamaMod
     ``overrides`` are model-config ``key=value`` items applied on top of the stored config,
     e.g. ``["compute_dtype=bfloat16"]``.
     """
-    path = Path(path)
+    path = Path(path).absolute()
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if (path / CONFIG_FILE).is_file():

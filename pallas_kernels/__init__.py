@@ -1,0 +1,1 @@
+"""Pallas kernels for the chunked causal linear-attention scan (see the attention issue)."""

@@ -1,0 +1,37 @@
+import os
+import sys
+from pathlib import Path
+
+# Multi-device code is tested on 8 fake CPU devices; this must precede the first jax import.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+from lin_llm.hf_reference import save_tiny_hf_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory):
+    """Tiny HF LLaMA directories, built once per session: {"untied", "tied", "bf16"}."""
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        "untied": save_tiny_hf_llama(root / "untied", tie=False),
+        "tied": save_tiny_hf_llama(root / "tied", tie=True, seed=1),
+        "bf16": save_tiny_hf_llama(root / "bf16", tie=False, dtype="bfloat16", seed=2),
+    }
+
+
+@pytest.fixture(scope="session")
+def converted(hf_dirs, tmp_path_factory):
+    """Each HF directory converted once with lin_llm.convert: {name: our checkpoint dir}."""
+    from lin_llm.convert import convert_hf_to_checkpoint
+
+    root = tmp_path_factory.mktemp("converted")
+    out = {}
+    for name, hf_dir in hf_dirs.items():
+        convert_hf_to_checkpoint(hf_dir, root / name)
+        out[name] = root / name
+    return out

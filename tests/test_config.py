@@ -1,0 +1,53 @@
+"""Configs load from YAML with overrides; bad fields, values and combinations fail at load time."""
+
+from pathlib import Path
+
+import pytest
+
+from lin_llm import ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load(path):
+    assert load_config(path).model.n_layers >= 1
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(CONFIGS[0].parent / "tiny.yaml", ["model.n_layers=3", "model.rope.theta=500000", "train.learning_rate=3e-4"])
+    assert cfg.model.n_layers == 3 and cfg.model.rope.theta == 500000.0 and cfg.train.learning_rate == 3e-4
+    assert isinstance(cfg.model.rope.theta, float)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_layer=3", r"unknown field 'model.n_layer'.*Did you mean 'model.n_layers'"),
+        ("modle.dim=3", r"unknown field 'modle'"),
+        ("model.n_layers=two", r"model.n_layers: expected int, got 'two'"),
+        ("model.tie_embeddings=1", r"model.tie_embeddings: expected bool"),
+        ("model.n_heads=3", r"model.n_heads=3 must divide model.dim=128"),
+        ("model.n_kv_heads=3", r"model.n_kv_heads=3 must divide model.n_heads=4"),
+        ("model.compute_dtype=float16", r"model.compute_dtype='float16' is not valid; choose one of: float32, bfloat16"),
+        ("model.attention=linformer", r"model.attention='linformer' is not a known preset; choose one of: softmax"),
+        ("model.rope.type=yarn", r"model.rope.type='yarn' is not valid; choose one of: default, linear, llama3"),
+        ("train.seq_len=4096", r"train.seq_len=4096 exceeds model.max_seq_len=1024"),
+        ("mesh.fsdp=0", r"mesh.fsdp=0 must be >= 1, or -1"),
+        ("model.la.conv_kernel_size=4", r"model.la.conv_kernel_size=4 must be a positive odd number"),
+        ("model.dim", r"not of the form section.field=value"),
+    ],
+)
+def test_bad_config_names_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS[0].parent / "tiny.yaml", [override])
+
+
+def test_two_minus_one_mesh_axes_are_refused():
+    with pytest.raises(ConfigError, match="at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1"):
+        load_config(None, ["mesh.data=-1", "mesh.fsdp=-1"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
