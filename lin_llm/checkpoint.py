@@ -22,7 +22,7 @@ import yaml
 from flax import nnx
 
 from lin_llm.config import ConfigError, ModelConfig, config_to_dict, model_config_from_dict
-from lin_llm.model import LlamaModel, abstract_model
+from lin_llm.model import LlamaModel, abstract_model, attention_param_defaults
 
 CONFIG_FILE = "config.yaml"
 PARAMS_DIR = "params"
@@ -73,23 +73,34 @@ def param_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
     return flat_params(abstract_model(cfg))
 
 
-def model_from_flat_params(cfg: ModelConfig, flat: dict[str, object]) -> LlamaModel:
-    """Build the model of ``cfg`` holding exactly ``flat`` (names and shapes must match)."""
+def check_param_shapes(cfg: ModelConfig, shapes: dict[str, tuple]) -> dict[str, object]:
+    """Check stored {name: shape} against the model of ``cfg`` before any data is read.
+
+    Names and shapes must match, except that the linear-attention params a softmax checkpoint
+    lacks are allowed missing: they are returned with their initial values.
+    """
     expected = param_shapes(cfg)
-    missing = sorted(set(expected) - set(flat))
-    unexpected = sorted(set(flat) - set(expected))
-    if missing or unexpected:
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    defaults = attention_param_defaults(cfg)
+    if unexpected or not set(missing) <= set(defaults):
         raise CheckpointError(
-            f"parameters do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"parameters do not match model.attention={cfg.attention!r} and the other fields of the config: "
+            f"missing {[n for n in missing if n not in defaults][:5]}, unexpected {unexpected[:5]}"
         )
-    for name, spec in expected.items():
-        if tuple(flat[name].shape) != tuple(spec.shape):
-            raise CheckpointError(f"parameter {name} has shape {tuple(flat[name].shape)}, the config needs {spec.shape}")
+    for name, shape in shapes.items():
+        if tuple(shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"parameter {name} has shape {tuple(shape)}, the config needs {expected[name].shape}")
+    return {name: defaults[name] for name in missing}
+
+
+def model_from_flat_params(cfg: ModelConfig, flat: dict[str, object]) -> LlamaModel:
+    """Build the model of ``cfg`` holding ``flat`` (see check_param_shapes for what may differ)."""
+    flat = {**check_param_shapes(cfg, {name: value.shape for name, value in flat.items()}), **flat}
+    dtypes = {name: spec.dtype for name, spec in param_shapes(cfg).items()}
     model = abstract_model(cfg)
     state = nnx.state(model, nnx.Param)
-    state.replace_by_pure_dict(
-        _unflatten({name: jnp.asarray(value, expected[name].dtype) for name, value in flat.items()})
-    )
+    state.replace_by_pure_dict(_unflatten({name: jnp.asarray(value, dtypes[name]) for name, value in flat.items()}))
     nnx.update(model, state)
     return model
 
@@ -151,32 +162,29 @@ def read_model_config(path: str | Path) -> ModelConfig:
     return model_config_from_dict(values["model"])
 
 
-def _apply_overrides(cfg: ModelConfig, overrides: Sequence[str]) -> ModelConfig:
+def _overridden(path: Path, cfg: ModelConfig, overrides: Sequence[str]) -> ModelConfig:
+    """``cfg`` with model-config overrides (``attention=aug`` or ``model.attention=aug``)."""
     if not overrides:
         return cfg
     from lin_llm.config import config_from_dict
 
     prefixed = [item if item.startswith("model.") else f"model.{item}" for item in overrides]
-    return config_from_dict({"model": config_to_dict(cfg)}, prefixed).model
+    try:
+        return config_from_dict({"model": config_to_dict(cfg)}, prefixed).model
+    except ConfigError as err:
+        raise CheckpointError(f"override of {path}'s config is invalid: {err}") from None
 
 
 def _restore_flat(path: Path, cfg: ModelConfig) -> dict[str, jax.Array]:
     params_dir = path / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{path} has {CONFIG_FILE} but no {PARAMS_DIR}/ directory: the checkpoint is incomplete")
-    expected = param_shapes(cfg)
     stored = ocp.StandardCheckpointer().metadata(params_dir).item_metadata
-    stored_names = set(stored.keys())
-    if stored_names != set(expected):
-        missing = sorted(set(expected) - stored_names)
-        raise CheckpointError(
-            f"{params_dir} does not hold the params of its config.yaml: missing {missing[:5]}, "
-            f"unexpected {sorted(stored_names - set(expected))[:5]}"
-        )
-    for name, spec in expected.items():
-        if tuple(stored[name].shape) != tuple(spec.shape):
-            raise CheckpointError(f"{params_dir}: {name} has shape {tuple(stored[name].shape)}, expected {spec.shape}")
-    target = {name: jax.ShapeDtypeStruct(spec.shape, stored[name].dtype) for name, spec in expected.items()}
+    try:
+        check_param_shapes(cfg, {name: meta.shape for name, meta in stored.items()})
+    except CheckpointError as err:
+        raise CheckpointError(f"{params_dir}: {err}") from None
+    target = {name: jax.ShapeDtypeStruct(meta.shape, meta.dtype) for name, meta in stored.items()}
     return ocp.StandardCheckpointer().restore(params_dir, target)
 
 
@@ -190,19 +198,16 @@ def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> LlamaMod
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if (path / CONFIG_FILE).is_file():
-        stored_cfg = read_model_config(path)
-        flat = _restore_flat(path, stored_cfg)
+        cfg = _overridden(path, read_model_config(path), overrides)
+        flat = _restore_flat(path, cfg)
     elif (path / "config.json").is_file():
         from lin_llm.convert import read_hf_checkpoint
 
         stored_cfg, flat = read_hf_checkpoint(path)
+        cfg = _overridden(path, stored_cfg, overrides)
     else:
         raise CheckpointError(
             f"{path} is neither a lin_llm checkpoint ({CONFIG_FILE} + {PARAMS_DIR}/) "
             "nor a Hugging Face model directory (config.json + *.safetensors)"
         )
-    try:
-        cfg = _apply_overrides(stored_cfg, overrides)
-    except ConfigError as err:
-        raise CheckpointError(f"override of {path}'s config is invalid: {err}") from None
     return model_from_flat_params(cfg, flat)

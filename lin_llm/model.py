@@ -8,13 +8,12 @@ Parameter layout (NNX state paths), the contract of convert.py and sharding.py:
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lin_llm.attention import softmax
+from lin_llm.attention import layer, presets, softmax
+from lin_llm.attention.layer import layer_math
 from lin_llm.attention.state import DecodeState
 from lin_llm.config import ModelConfig
 from lin_llm.rope import apply_rope, inverse_frequencies
@@ -34,17 +33,30 @@ def _rms_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
 
 
 class Attention(nnx.Module):
-    """Projections and RoPE; the mixing itself is a pure function chosen by ``cfg.attention``."""
+    """Projections and RoPE; the mixing itself is pure functions chosen by ``cfg.attention``."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer_index: int, rngs: nnx.Rngs):
         self.cfg = cfg
         d = cfg.resolved_head_dim
         self.wq = _linear(cfg, rngs, cfg.dim, cfg.n_heads * d)
         self.wk = _linear(cfg, rngs, cfg.dim, cfg.n_kv_heads * d)
         self.wv = _linear(cfg, rngs, cfg.dim, cfg.n_kv_heads * d)
         self.wo = _linear(cfg, rngs, cfg.n_heads * d, cfg.dim)
+        preset = presets.get(cfg.attention)
+        self.math = None
+        self.extra = ()
+        if preset is not None:
+            la = cfg.la
+            self.math = layer_math(
+                preset, group_size=la.group_size, local_kernel=la.local_kernel, head_dim=d, eps=la.eps,
+                max_len=cfg.max_seq_len, performer_features=la.feature_dim, seed=la.seed, layer=layer_index,
+            )
+            extra = presets.init_params(preset, cfg.n_heads, d, la.conv_kernel_size, la.conv_per_channel)
+            for name, value in extra.items():
+                setattr(self, name, nnx.Param(jnp.asarray(value)))
+            self.extra = tuple(extra)
 
-    def __call__(self, x, positions, layer_state=None, pos=None):
+    def _qkv(self, x, positions):
         cfg = self.cfg
         b, t, _ = x.shape
         d = cfg.resolved_head_dim
@@ -52,11 +64,52 @@ class Attention(nnx.Module):
         q = apply_rope(self.wq(x).reshape(b, t, cfg.n_heads, d), positions, inv_freq)
         k = apply_rope(self.wk(x).reshape(b, t, cfg.n_kv_heads, d), positions, inv_freq)
         v = self.wv(x).reshape(b, t, cfg.n_kv_heads, d)
-        if layer_state is None:
-            out = softmax.causal_attention(q, k, v)
-        else:
+        if self.math is not None:  # linear attention keeps one state per query head
+            rep = cfg.n_heads // cfg.n_kv_heads
+            k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+        return q, k, v
+
+    def _params(self) -> dict:
+        return {name: getattr(self, name)[...] for name in self.extra}
+
+    def _out(self, out):
+        b, t = out.shape[:2]
+        return self.wo(out.reshape(b, t, -1))
+
+    def __call__(self, x, positions):
+        q, k, v = self._qkv(x, positions)
+        if self.math is None:
+            return self._out(softmax.causal_attention(q, k, v))
+        return self._out(layer.forward(self.math, self._params(), q, k, v, positions))
+
+    def extend(self, x, positions, layer_state, pos):
+        q, k, v = self._qkv(x, positions)
+        if self.math is None:
             out, layer_state = softmax.cached_attention(q, k, v, layer_state, pos)
-        return self.wo(out.reshape(b, t, cfg.n_heads * d)), layer_state
+        else:
+            out, layer_state = layer.extend(self.math, self._params(), q, k, v, positions, layer_state, pos)
+        return self._out(out), layer_state
+
+    def verify(self, x, positions, layer_state, pos, ancestors, depths):
+        q, k, v = self._qkv(x, positions)
+        if self.math is None:
+            out, pending = softmax.verify(q, k, v, layer_state, pos, ancestors)
+        else:
+            out, pending = layer.verify(self.math, self._params(), q, k, v, positions, layer_state, pos, ancestors, depths)
+        return self._out(out), pending
+
+    def commit(self, layer_state, pending, pos, path, n_accepted):
+        if self.math is None:
+            return softmax.commit(layer_state, pending, pos, path)
+        return layer.commit(self.math, layer_state, pending, pos, path, n_accepted)
+
+    def init_state(self, batch_size: int, max_len: int):
+        cfg = self.cfg
+        if self.math is None:
+            return softmax.init_cache(
+                batch_size, max_len, cfg.n_kv_heads, cfg.resolved_head_dim, jnp.dtype(cfg.compute_dtype)
+            )
+        return layer.init_state(self.math, batch_size, cfg.n_heads, cfg.resolved_head_dim, cfg.la.conv_kernel_size)
 
 
 class MLP(nnx.Module):
@@ -72,27 +125,38 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer_index: int, rngs: nnx.Rngs):
         self.attn_norm = _rms_norm(cfg, rngs)
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, layer_index, rngs)
         self.mlp_norm = _rms_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, layer_state=None, pos=None):
-        h, layer_state = self.attn(self.attn_norm(x), positions, layer_state, pos)
+    def _finish(self, x, h):
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), layer_state
+        return x + self.mlp(self.mlp_norm(x))
+
+    def __call__(self, x, positions):
+        return self._finish(x, self.attn(self.attn_norm(x), positions))
+
+    def extend(self, x, positions, layer_state, pos):
+        h, layer_state = self.attn.extend(self.attn_norm(x), positions, layer_state, pos)
+        return self._finish(x, h), layer_state
+
+    def verify(self, x, positions, layer_state, pos, ancestors, depths):
+        h, pending = self.attn.verify(self.attn_norm(x), positions, layer_state, pos, ancestors, depths)
+        return self._finish(x, h), pending
 
 
 class LlamaModel(nnx.Module):
-    """``model(ids)`` -> fp32 logits [B, T, V]; ``init_state``/``prefill``/``step`` for decoding."""
+    """``model(ids)`` -> fp32 logits [B, T, V]; explicit-state decoding with ``init_state``,
+    ``prefill``, ``step``, and ``verify`` + ``commit`` for speculative decoding."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = nnx.Embed(
             cfg.vocab_size, cfg.dim, embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs, **_dtypes(cfg)
         )
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.n_layers)])
         self.norm = _rms_norm(cfg, rngs)
         self.lm_head = (
             None if cfg.tie_embeddings else _linear(cfg, rngs, cfg.dim, cfg.vocab_size, preferred_element_type=jnp.float32)
@@ -109,18 +173,19 @@ class LlamaModel(nnx.Module):
         b, t = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         x = self.embed(input_ids)
-        for layer in self.layers:
-            x, _ = layer(x, positions)
+        for block in self.layers:
+            x = block(x, positions)
         return self._logits(x)
 
     def init_state(self, batch_size: int, max_len: int) -> DecodeState:
-        cfg = self.cfg
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
-        make = functools.partial(
-            softmax.init_cache, batch_size, max_len, cfg.n_kv_heads, cfg.resolved_head_dim, jnp.dtype(cfg.compute_dtype)
+        """An empty decoding state. Softmax preallocates a KV cache of max_len; linear attention's
+        state has a fixed size whatever max_len (which is only checked against the model's)."""
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        return DecodeState(
+            layers=tuple(block.attn.init_state(batch_size, max_len) for block in self.layers),
+            pos=jnp.zeros((batch_size,), jnp.int32),
         )
-        return DecodeState(layers=tuple(make() for _ in range(cfg.n_layers)), pos=jnp.zeros((batch_size,), jnp.int32))
 
     def prefill(self, input_ids: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
         """Consume input_ids [B, T] after what ``state`` holds; logits [B, T, V] and the new state."""
@@ -128,8 +193,8 @@ class LlamaModel(nnx.Module):
         positions = state.pos[:, None] + jnp.arange(t)[None, :]
         x = self.embed(input_ids)
         new_layers = []
-        for layer, layer_state in zip(self.layers, state.layers):
-            x, layer_state = layer(x, positions, layer_state, state.pos)
+        for block, layer_state in zip(self.layers, state.layers):
+            x, layer_state = block.extend(x, positions, layer_state, state.pos)
             new_layers.append(layer_state)
         return self._logits(x), DecodeState(layers=tuple(new_layers), pos=state.pos + t)
 
@@ -138,10 +203,47 @@ class LlamaModel(nnx.Module):
         logits, state = self.prefill(token_ids[:, None], state)
         return logits[:, 0], state
 
+    def verify(self, token_ids: jax.Array, state: DecodeState, ancestors=None, depths=None):
+        """Score m candidates [B, m] in one pass without changing ``state``.
+
+        ancestors [m, m] bool (self included) and depths [m] describe a token tree; the default
+        is a chain. Returns logits [B, m, V] and what ``commit`` needs.
+        """
+        m = token_ids.shape[1]
+        if ancestors is None:
+            ancestors, depths = jnp.tril(jnp.ones((m, m), bool)), jnp.arange(m)
+        positions = state.pos[:, None] + depths[None, :]
+        x = self.embed(token_ids)
+        pending = []
+        for block, layer_state in zip(self.layers, state.layers):
+            x, layer_pending = block.verify(x, positions, layer_state, state.pos, ancestors, depths)
+            pending.append(layer_pending)
+        return self._logits(x), tuple(pending)
+
+    def commit(self, state: DecodeState, pending, path: jax.Array, n_accepted: jax.Array) -> DecodeState:
+        """The state after accepting candidates path[:, :n_accepted] (indices into the verified
+        candidates, root first): the same as stepping through those tokens."""
+        layers = tuple(
+            block.attn.commit(layer_state, layer_pending, state.pos, path, n_accepted)
+            for block, layer_state, layer_pending in zip(self.layers, state.layers, pending)
+        )
+        return DecodeState(layers=layers, pos=state.pos + n_accepted)
+
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> LlamaModel:
-    """A freshly initialised model (params drawn from N(0, init_std), norms at one)."""
+    """A freshly initialised model (weights drawn from N(0, init_std), norms at one)."""
     return LlamaModel(cfg, rngs=nnx.Rngs(seed))
+
+
+def attention_param_defaults(cfg: ModelConfig) -> dict:
+    """Initial values of the linear-attention params {flat name: array}: what a softmax
+    checkpoint lacks when it is linearised."""
+    preset = presets.get(cfg.attention)
+    if preset is None:
+        return {}
+    la, d = cfg.la, cfg.resolved_head_dim
+    extra = presets.init_params(preset, cfg.n_heads, d, la.conv_kernel_size, la.conv_per_channel)
+    return {f"layers.{i}.attn.{name}": value for i in range(cfg.n_layers) for name, value in extra.items()}
 
 
 def abstract_model(cfg: ModelConfig) -> LlamaModel:

@@ -43,3 +43,25 @@ def cached_attention(
     mask = jnp.arange(s)[None, None, :] <= query_pos[:, :, None]  # [B, T, S]
     out = jax.nn.dot_product_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask=mask[:, None])
     return out, cache
+
+
+def verify(q, k, v, cache: KVCache, pos, ancestors):
+    """Attend m candidates [B, m, ...] to the cache (positions < pos) and to their own ancestors
+    (ancestors [m, m], self included; lower-triangular for a chain). The cache is not changed;
+    the candidates' k, v are returned for ``commit``."""
+    s = cache.k.shape[1]
+    keys = jnp.concatenate([cache.k.astype(q.dtype), k.astype(q.dtype)], axis=1)
+    values = jnp.concatenate([cache.v.astype(q.dtype), v.astype(q.dtype)], axis=1)
+    past = jnp.broadcast_to(jnp.arange(s)[None, None, :] < pos[:, None, None], (q.shape[0], q.shape[1], s))
+    mask = jnp.concatenate([past, jnp.broadcast_to(ancestors[None], (q.shape[0],) + ancestors.shape)], axis=-1)
+    return jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None]), (k, v)
+
+
+def commit(cache: KVCache, pending, pos, path) -> KVCache:
+    """Write the candidates along `path` [B, m] (root first) at positions pos, pos+1, ...
+
+    Slots past the accepted ones receive rejected candidates; they lie beyond the row's new
+    position, so they are masked until overwritten. The caller keeps pos + m <= max_len.
+    """
+    k, v = (jnp.take_along_axis(x, path[:, :, None, None], axis=1) for x in pending)
+    return KVCache(k=_write(cache.k, k, pos), v=_write(cache.v, v, pos))

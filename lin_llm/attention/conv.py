@@ -1,0 +1,87 @@
+"""The causal depthwise convolution over v that augments linear attention, in its four forms.
+
+conv_t = sum_{s=0}^{K_eff-1} w[s] * v_{t-s}. The parameter is a centred kernel of
+`kernel_size` = 2 K_eff - 1 taps, as in the original; its future half is masked functionally
+(multiplied by zero), so those taps never act and get zero gradient. Weights are per head
+[H, kernel_size] (shared over the head's channels, as the original) or per channel
+[H, kernel_size, Dv]. History before position 0 is zero.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def causal_taps(weight: jax.Array) -> jax.Array:
+    """Taps by lag s = 0..K_eff-1 as [K_eff, H, 1 or Dv] from the centred kernel parameter."""
+    size = weight.shape[1]
+    centre = size // 2
+    mask = (jnp.arange(size) <= centre).astype(weight.dtype)  # taps at or before the current token
+    w = weight * (mask[None, :, None] if weight.ndim == 3 else mask[None, :])
+    w = w[:, : centre + 1][:, ::-1]  # lag s = centre - tap index
+    w = w if w.ndim == 3 else w[..., None]
+    return jnp.moveaxis(w, 1, 0).astype(F32)
+
+
+def history_len(kernel_size: int) -> int:
+    """Past values of v that decoding must keep: K_eff - 1."""
+    return kernel_size // 2
+
+
+def conv(v: jax.Array, weight: jax.Array, history: jax.Array | None = None) -> jax.Array:
+    """Full (and prefill) form: v [B, T, H, Dv] after `history` [B, K_eff-1, H, Dv] (zeros if None)."""
+    taps = causal_taps(weight)  # [K, H, C]
+    k_eff = taps.shape[0]
+    b, t, h, dv = v.shape
+    if history is None:
+        history = jnp.zeros((b, k_eff - 1, h, dv), F32)
+    x = jnp.concatenate([history.astype(F32), v.astype(F32)], axis=1).reshape(b, t + k_eff - 1, h * dv)
+    # depthwise: one filter per channel; lax convolutions correlate, so flip lags into time order
+    kernel = jnp.broadcast_to(taps[::-1], (k_eff, h, dv)).reshape(k_eff, 1, h * dv)
+    out = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1,), padding="VALID", dimension_numbers=("NWC", "WIO", "NWC"),
+        feature_group_count=h * dv, precision="highest",
+    )
+    return out.reshape(b, t, h, dv)
+
+
+def new_history(history: jax.Array, v: jax.Array, n_valid: jax.Array | None = None) -> jax.Array:
+    """The last K_eff-1 values after appending v [B, m, H, Dv] (only its first n_valid per row)."""
+    k1, m = history.shape[1], v.shape[1]
+    window = jnp.concatenate([history, v.astype(history.dtype)], axis=1)
+    if n_valid is None:
+        return window[:, m:]
+    return jax.vmap(lambda w, n: jax.lax.dynamic_slice_in_dim(w, n, k1, axis=0))(window, n_valid)
+
+
+def step(v: jax.Array, weight: jax.Array, history: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One token per row: v [B, H, Dv] -> output [B, H, Dv] and the updated history."""
+    taps = causal_taps(weight)
+    window = jnp.concatenate([history, v[:, None].astype(history.dtype)], axis=1)  # oldest first
+    out = jnp.einsum("bshd,shd->bhd", window[:, ::-1].astype(F32), jnp.broadcast_to(taps, (taps.shape[0],) + v.shape[1:]))
+    return out, window[:, 1:]
+
+
+def unfolded(v: jax.Array, weight: jax.Array, history: jax.Array, ancestors: jax.Array, depths: jax.Array):
+    """Verify form: candidates v [B, m, H, Dv] in a tree (ancestors [m, m] incl. self, depths [m]).
+
+    Each candidate convolves its own root-to-node path, then the shared history (im2col-style
+    unfolding), so siblings never see each other.
+    """
+    taps = causal_taps(weight)  # [K, H, C]
+    k_eff, m = taps.shape[0], v.shape[1]
+    # path[i, s] = the candidate s steps back from i along its path (one-hot over candidates)
+    lag_of = depths[:, None] - depths[None, :]  # [m, m]: how far back j is from i
+    path = ancestors[:, None, :] & (lag_of[:, None, :] == jnp.arange(k_eff)[None, :, None])  # [m, K, m]
+    from_candidates = jnp.einsum("isj,bjhd->bishd", path.astype(F32), v.astype(F32))
+    # lags beyond a candidate's depth reach into the history: history[-1] is one step before depth 0
+    window = from_candidates  # [B, m, K, H, Dv]
+    if history.shape[1]:
+        hist_index = history.shape[1] - (jnp.arange(k_eff)[None, :] - depths[:, None])  # [m, K]
+        in_history = (jnp.arange(k_eff)[None, :] > depths[:, None]) & (hist_index >= 0)
+        gathered = history[:, jnp.clip(hist_index, 0, history.shape[1] - 1)].astype(F32)
+        window = window + jnp.where(in_history[None, :, :, None, None], gathered, 0.0)
+    return jnp.einsum("bishd,shd->bihd", window, jnp.broadcast_to(taps, (k_eff,) + v.shape[2:]))

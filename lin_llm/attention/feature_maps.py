@@ -1,0 +1,111 @@
+"""Feature maps phi of the linear-attention families, and the local (in-group) kernels.
+
+Every map takes x [B, T, H, d] (after RoPE) and returns features [B, T, H, F] in float32.
+Linear attention then scores a pair as phi(q_t) . phi(k_j), so a family is fully described by
+its phi, by whether it normalises (divides by the summed scores) and by its local kernel.
+
+Linformer is not here on purpose: it projects the *length* axis (E K with E of shape [k, T]),
+so every output mixes all positions, future ones included. It has no causal form and cannot
+decode autoregressively; faking one would not be Linformer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def l2_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x / (||x|| + eps): eps keeps zero vectors (padding) at zero instead of NaN."""
+    x = x.astype(jnp.float32)
+    return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + eps)
+
+
+def elu_plus_one(x: jax.Array) -> jax.Array:
+    """Katharopoulos et al.'s linear transformer."""
+    return jax.nn.elu(x.astype(jnp.float32)) + 1.0
+
+
+def relu(x: jax.Array) -> jax.Array:
+    return jax.nn.relu(x.astype(jnp.float32))
+
+
+def scaled(x: jax.Array) -> jax.Array:
+    """FLASH's raw (un-normalised) q and k, scaled so that phi(q) . phi(k) = q . k / sqrt(d)."""
+    return x.astype(jnp.float32) * x.shape[-1] ** -0.25
+
+
+def castling(x: jax.Array, eps: float) -> jax.Array:
+    """Castling-ViT's linear-angular kernel 1/2 + q_hat . k_hat / pi (first-order arccos) as a dot
+    product of features [sqrt(1/2), x_hat / sqrt(pi)]; always positive, so it normalises safely."""
+    x_hat = l2_normalize(x, eps) / math.sqrt(math.pi)
+    return jnp.concatenate([jnp.full(x.shape[:-1] + (1,), math.sqrt(0.5), jnp.float32), x_hat], axis=-1)
+
+
+def cosformer(x: jax.Array, positions: jax.Array, max_len: int) -> jax.Array:
+    """cosFormer: relu features re-weighted by cos(pi/2 (t - j) / M), split as
+    cos(a_t)cos(a_j) + sin(a_t)sin(a_j) with a_t = pi t / (2M); M = the model's max length keeps
+    it causal and decodable (the original uses the sequence length, which peeks at the future)."""
+    angle = (jnp.pi / 2) * positions.astype(jnp.float32)[:, :, None, None] / max_len  # [B, T, 1, 1]
+    r = relu(x)
+    return jnp.concatenate([r * jnp.cos(angle), r * jnp.sin(angle)], axis=-1)
+
+
+def hedgehog(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """Hedgehog: learned per-head map [softmax(x W), softmax(-x W)] (two softmaxes over d, as in
+    the paper), W [H, d, d] initialised to the identity."""
+    xw = jnp.einsum("bthd,hde->bthe", x.astype(jnp.float32), weight.astype(jnp.float32))
+    return jnp.concatenate([jax.nn.softmax(xw, axis=-1), jax.nn.softmax(-xw, axis=-1)], axis=-1)
+
+
+def favor_projection(seed: int, layer: int, n_features: int, head_dim: int) -> np.ndarray:
+    """Performer's orthogonal Gaussian random features [n_features, head_dim], fixed per layer.
+
+    Blocks of head_dim orthonormal rows (QR of a Gaussian matrix), each row rescaled to the norm
+    of a Gaussian vector, so rows are marginally Gaussian but mutually orthogonal within a block.
+    """
+    rng = np.random.default_rng([seed, layer])
+    blocks = []
+    for _ in range(-(-n_features // head_dim)):
+        q, _ = np.linalg.qr(rng.standard_normal((head_dim, head_dim)))
+        blocks.append(q.T)
+    rows = np.concatenate(blocks)[:n_features]
+    norms = np.linalg.norm(rng.standard_normal((n_features, head_dim)), axis=1, keepdims=True)
+    return (rows * norms).astype(np.float32)
+
+
+def favor_plus(x: jax.Array, projection: np.ndarray, is_query: bool) -> jax.Array:
+    """Performer FAVOR+ positive random features exp(w . x' - |x'|^2 / 2) / sqrt(m), x' = x d^-1/4.
+
+    Queries subtract their own max for stability: a per-query constant factor cancels between
+    numerator and normaliser. Keys cannot (a shared max would differ between prefill and step).
+    """
+    x = x.astype(jnp.float32) * x.shape[-1] ** -0.25
+    proj = jnp.einsum("bthd,md->bthm", x, jnp.asarray(projection))
+    log_features = proj - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+    if is_query:
+        log_features = log_features - jax.lax.stop_gradient(jnp.max(log_features, axis=-1, keepdims=True))
+    return jnp.exp(log_features) / math.sqrt(projection.shape[0])
+
+
+# ------------------------------------------------------------------ local (in-group) kernels
+
+
+def dot_kernel(score: jax.Array) -> jax.Array:
+    return score
+
+
+def relu2_kernel(score: jax.Array) -> jax.Array:
+    """The paper's local kernel relu(q_hat . k_hat)^2."""
+    return jnp.square(jax.nn.relu(score))
+
+
+def yoso_kernel(score: jax.Array) -> jax.Array:
+    """YOSO's expected LSH collision (1 - arccos(0.98 x) / pi)^8; 0.98 keeps arccos' gradient finite."""
+    return jnp.power(1.0 - jnp.arccos(0.98 * jnp.clip(score, -1.0, 1.0)) / jnp.pi, 8)
+
+
+LOCAL_KERNELS = {"dot": dot_kernel, "relu2": relu2_kernel, "yoso": yoso_kernel}

@@ -1,0 +1,139 @@
+"""One linear-attention layer's math: feature maps + grouped linear attention + causal conv.
+
+Pure functions of (static LayerMath, params dict, q, k, v, positions[, state]). q, k, v are
+[B, T, H, d] after RoPE, with k and v already repeated to the H query heads. The forms:
+  forward(..., form="chunked" | "reference")   training / the O(T^2) reference
+  extend(...)                                  prefill from a state
+  step(...)                                    one token from a state, O(1)
+  verify(...) + commit(...)                    m candidates (chain or tree) in one pass
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lin_llm.attention import conv, feature_maps, linear
+from lin_llm.attention.presets import Preset, feature_dim
+from lin_llm.attention.state import LinearLayerState
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMath:
+    """Everything static about one layer's linear attention (hashable)."""
+
+    preset: Preset
+    spec: linear.LinearSpec
+    head_dim: int
+    eps: float
+    max_len: int  # cosFormer's horizon M
+    performer_features: int
+    seed: int
+    layer: int
+
+    @property
+    def feature_dim(self) -> int:
+        return feature_dim(self.preset, self.head_dim, self.performer_features)
+
+
+def layer_math(preset: Preset, *, group_size, local_kernel, head_dim, eps, max_len, performer_features, seed, layer):
+    kernel = local_kernel if preset.local == "paper" else preset.local
+    spec = linear.LinearSpec(
+        group_size=group_size,
+        local_kernel=kernel,
+        use_global=preset.use_global,
+        normalize=preset.normalize,
+        local_scale=1.0 / group_size if preset.flash else 1.0,
+    )
+    return LayerMath(preset, spec, head_dim, eps, max_len, performer_features, seed, layer)
+
+
+@functools.lru_cache(maxsize=None)
+def _projection(seed, layer, n_features, head_dim):
+    return feature_maps.favor_projection(seed, layer, n_features, head_dim)
+
+
+def features(lm: LayerMath, params: dict, x, positions, is_query: bool):
+    """phi(x) [B, T, H, F] in float32."""
+    kind = lm.preset.feature
+    if kind == "l2":
+        return feature_maps.l2_normalize(x, lm.eps)
+    if kind == "elu":
+        return feature_maps.elu_plus_one(x)
+    if kind == "relu":
+        return feature_maps.relu(x)
+    if kind == "scaled":
+        return feature_maps.scaled(x)
+    if kind == "castling":
+        return feature_maps.castling(x, lm.eps)
+    if kind == "cosformer":
+        return feature_maps.cosformer(x, positions, lm.max_len)
+    if kind == "hedgehog":
+        return feature_maps.hedgehog(x, params["hedgehog_q" if is_query else "hedgehog_k"])
+    if kind == "performer":
+        return feature_maps.favor_plus(x, _projection(lm.seed, lm.layer, lm.performer_features, lm.head_dim), is_query)
+    raise ValueError(f"unknown feature map {kind!r}")  # presets are validated at config load
+
+
+def _mix(params):
+    return params.get("mix_local", 1.0), params.get("mix_global", 1.0)
+
+
+def _featurise(lm, params, q, k, positions):
+    return features(lm, params, q, positions, True), features(lm, params, k, positions, False)
+
+
+def forward(lm: LayerMath, params: dict, q, k, v, positions, form: str = "chunked"):
+    """Whole sequences from position 0: out [B, T, H, Dv] (float32)."""
+    qf, kf = _featurise(lm, params, q, k, positions)
+    lam, alpha = _mix(params)
+    attend = linear.chunked if form == "chunked" else linear.reference
+    out = attend(lm.spec, qf.astype(q.dtype), kf.astype(k.dtype), v, lam, alpha)
+    if lm.preset.conv:
+        out = out + conv.conv(v, params["conv"])
+    return out
+
+
+def init_state(lm: LayerMath, batch: int, heads: int, dv: int, conv_kernel_size: int) -> LinearLayerState:
+    k1 = conv.history_len(conv_kernel_size) if lm.preset.conv else 0
+    return LinearLayerState(
+        attn=linear.init_state(lm.spec, batch, heads, lm.feature_dim, dv),
+        conv=jnp.zeros((batch, k1, heads, dv), jnp.float32),
+    )
+
+
+def extend(lm: LayerMath, params: dict, q, k, v, positions, state: LinearLayerState, pos):
+    """Prefill T tokens after `state`; T = 1 takes the O(1) step form."""
+    qf, kf = _featurise(lm, params, q, k, positions)
+    lam, alpha = _mix(params)
+    if q.shape[1] == 1:
+        out, attn = linear.step(lm.spec, qf[:, 0], kf[:, 0], v[:, 0], state.attn, pos, lam, alpha)
+        out = out[:, None]
+    else:
+        out, attn = linear.extend(lm.spec, qf.astype(q.dtype), kf.astype(k.dtype), v, state.attn, pos, lam, alpha)
+    history = state.conv
+    if lm.preset.conv:
+        out = out + conv.conv(v, params["conv"], history)
+        history = conv.new_history(history, v)
+    return out, LinearLayerState(attn=attn, conv=history)
+
+
+def verify(lm: LayerMath, params: dict, q, k, v, positions, state: LinearLayerState, pos, ancestors, depths):
+    """Outputs for m candidates, and what commit needs: their features and values."""
+    qf, kf = _featurise(lm, params, q, k, positions)
+    lam, alpha = _mix(params)
+    out = linear.verify(lm.spec, qf, kf, v, state.attn, pos, ancestors, depths, lam, alpha)
+    if lm.preset.conv:
+        out = out + conv.unfolded(v, params["conv"], state.conv, ancestors, depths)
+    return out, (kf, v.astype(jnp.float32))
+
+
+def commit(lm: LayerMath, state: LinearLayerState, pending, pos, path, n_accepted):
+    """The state after the accepted candidates path[:, :n] (candidate indices, root first)."""
+    kf, v = (jnp.take_along_axis(x, path[:, :, None, None], axis=1) for x in pending)
+    attn = linear.commit(lm.spec, state.attn, kf, v, pos, n_accepted)
+    history = conv.new_history(state.conv, v, n_accepted) if lm.preset.conv else state.conv
+    return LinearLayerState(attn=attn, conv=history)

@@ -1,0 +1,255 @@
+"""Grouped causal linear attention in four forms that agree: reference, chunked, step, verify.
+
+All forms take features already mapped (qf = phi(q), kf = phi(k), [B, T, H, F]) and values
+v [B, T, H, Dv]. Token t sits in group g(t) = t // G of its absolute position. With weights
+lam (local) and alpha (global):
+
+    local_t  = sum_{j <= t, g(j) = g(t)} kappa(qf_t . kf_j) v_j      (kappa: dot, relu2 or yoso)
+    global_t = qf_t . S_{g(t)},   S_g = sum_{j : g(j) < g} kf_j^T v_j  (exclusive over groups)
+    out_t    = lam * local_t + alpha * global_t                       [ / the same sums of scores ]
+
+The normalised families (elu+1, Performer, ...) use kappa = dot, so local + global is exactly
+causal linear attention and G is only the chunk size. The paper's layer uses relu2 on
+L2-normalised q, k and no normaliser, and then G matters. States accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lin_llm.attention.feature_maps import LOCAL_KERNELS
+from lin_llm.attention.state import LinearState
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSpec:
+    """The static shape of one layer's linear attention (hashable, so it can be a jit static)."""
+
+    group_size: int
+    local_kernel: str | None  # "dot", "relu2", "yoso", or None for no local term
+    use_global: bool
+    normalize: bool
+    local_scale: float = 1.0  # FLASH divides its quadratic part by the group size
+    eps: float = 1e-6  # added to the normaliser
+
+    def kappa(self, score):
+        return LOCAL_KERNELS[self.local_kernel](score)
+
+
+def _combine(spec: LinearSpec, lam, alpha, local_num, local_den, global_num, global_den):
+    """lam * local + alpha * global, divided by the matching sum of scores if normalised.
+
+    The *_den arguments are only read when spec.normalize.
+    """
+    terms = []
+    if spec.local_kernel is not None:
+        terms.append((lam * spec.local_scale, local_num, local_den))
+    if spec.use_global:
+        terms.append((alpha, global_num, global_den))
+    num = sum(weight * n for weight, n, _ in terms)
+    if not spec.normalize:
+        return num
+    den = sum(weight * d for weight, _, d in terms)
+    return num / (den[..., None] + spec.eps)
+
+
+def init_state(spec: LinearSpec, batch: int, heads: int, feat: int, dv: int) -> LinearState:
+    return LinearState(
+        s=jnp.zeros((batch, heads, feat, dv), F32),
+        z=jnp.zeros((batch, heads, feat if spec.normalize else 0), F32),
+        k_group=jnp.zeros((batch, spec.group_size, heads, feat), F32),
+        v_group=jnp.zeros((batch, spec.group_size, heads, dv), F32),
+    )
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference(spec: LinearSpec, qf, kf, v, lam=1.0, alpha=1.0):
+    """The O(T^2) masked formula, positions 0..T-1. For tests only."""
+    t = qf.shape[1]
+    pos = jnp.arange(t)
+    causal = pos[:, None] >= pos[None, :]
+    same = (pos[:, None] // spec.group_size) == (pos[None, :] // spec.group_size)
+    score = jnp.einsum("bihf,bjhf->bhij", qf.astype(F32), kf.astype(F32), precision="highest")
+    local_w = jnp.where(causal & same, spec.kappa(score), 0.0) if spec.local_kernel else jnp.zeros_like(score)
+    global_w = jnp.where(causal & ~same, score, 0.0)
+    v = v.astype(F32)
+    mix = lambda w: jnp.einsum("bhij,bjhd->bihd", w, v, precision="highest")
+    den = lambda w: jnp.einsum("bhij->bih", w)
+    return _combine(spec, lam, alpha, mix(local_w), den(local_w), mix(global_w), den(global_w))
+
+
+# --------------------------------------------------------------------------- chunked
+
+
+def _prefix_states(spec: LinearSpec, kc, vc, s0, z0):
+    """States before each chunk of kc/vc [B, N, G, H, *], starting from s0/z0 (fp32)."""
+    kv = jnp.einsum("bngkf,bngkd->bnkfd", kc.astype(F32), vc.astype(F32))
+    s_excl = s0[:, None] + jnp.cumsum(kv, axis=1) - kv
+    if not spec.normalize:
+        return s_excl, None
+    k_sum = jnp.sum(kc.astype(F32), axis=2)
+    return s_excl, z0[:, None] + jnp.cumsum(k_sum, axis=1) - k_sum
+
+
+def _chunk_outputs(spec: LinearSpec, qc, kc, vc, s_excl, z_excl, lam, alpha):
+    """Outputs [B, N, G, H, Dv] of aligned chunks given the state before each chunk."""
+    g = qc.shape[2]
+    local_num = local_den = global_num = global_den = None
+    if spec.local_kernel is not None:
+        score = jnp.einsum("bnihf,bnjhf->bnhij", qc, kc, preferred_element_type=F32)
+        w = jnp.where(jnp.tril(jnp.ones((g, g), bool)), spec.kappa(score), 0.0)
+        local_num = jnp.einsum("bnhij,bnjhd->bnihd", w.astype(vc.dtype), vc, preferred_element_type=F32)
+        local_den = jnp.einsum("bnhij->bnih", w)
+    if spec.use_global:
+        global_num = jnp.einsum("bnihf,bnhfd->bnihd", qc.astype(F32), s_excl)
+        if spec.normalize:
+            global_den = jnp.einsum("bnihf,bnhf->bnih", qc.astype(F32), z_excl)
+    return _combine(spec, lam, alpha, local_num, local_den, global_num, global_den)
+
+
+def _to_chunks(x, g):
+    b, t = x.shape[:2]
+    return x.reshape(b, t // g, g, *x.shape[2:])
+
+
+def chunked(spec: LinearSpec, qf, kf, v, lam=1.0, alpha=1.0):
+    """The O(T) training form from an empty state, positions 0..T-1 (any T)."""
+    b, t, h, _ = qf.shape
+    g = spec.group_size
+    pad = (-t) % g
+    qc, kc, vc = (_to_chunks(jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))), g) for x in (qf, kf, v))
+    s0 = jnp.zeros((b, h, kf.shape[-1], v.shape[-1]), F32)
+    z0 = jnp.zeros((b, h, kf.shape[-1]), F32)
+    s_excl, z_excl = _prefix_states(spec, kc, vc, s0, z0)
+    out = _chunk_outputs(spec, qc, kc, vc, s_excl, z_excl, lam, alpha)
+    return out.reshape(b, t + pad, h, -1)[:, :t]
+
+
+def _behind_group(group_buf, new, offset, length):
+    """One row: the current group's buffer [G, ...], then `new` written from `offset` = pos % G."""
+    seq = jnp.zeros((length,) + new.shape[1:], F32).at[: group_buf.shape[0]].set(group_buf)
+    return jax.lax.dynamic_update_slice_in_dim(seq, new.astype(F32), offset, axis=0)
+
+
+def _continue(spec: LinearSpec, state: LinearState, kf, v, pos, n_valid):
+    """Chunks that continue the sequence in `state` with the first n_valid of kf/v (per row).
+
+    The buffered tokens of the current group go back in front of the new ones, so the chunks
+    align with absolute group boundaries. Returns the aligned chunks, the state before each
+    chunk, the new state (complete groups folded into S, the last incomplete one buffered) and
+    each row's offset of the new tokens.
+    """
+    g = spec.group_size
+    length = -(-(g + kf.shape[1]) // g) * g
+    offset = pos % g
+    behind = jax.vmap(_behind_group, in_axes=(0, 0, 0, None))
+    valid = (jnp.arange(length)[None, :] < (offset + n_valid)[:, None])[:, :, None, None]
+    kc = _to_chunks(jnp.where(valid, behind(state.k_group, kf, offset, length), 0.0), g)
+    vc = _to_chunks(jnp.where(valid, behind(state.v_group, v, offset, length), 0.0), g)
+    s_excl, z_excl = _prefix_states(spec, kc, vc, state.s, state.z)
+    n_complete = (offset + n_valid) // g  # < number of chunks, by the choice of `length`
+    rows = jnp.arange(kf.shape[0])
+    new_state = LinearState(
+        s=s_excl[rows, n_complete],
+        z=z_excl[rows, n_complete] if spec.normalize else state.z,
+        k_group=kc[rows, n_complete],
+        v_group=vc[rows, n_complete],
+    )
+    return kc, vc, s_excl, z_excl, new_state, offset
+
+
+def extend(spec: LinearSpec, qf, kf, v, state: LinearState, pos, lam=1.0, alpha=1.0):
+    """Prefill: consume T tokens after what `state` holds (row r continues at position pos[r])."""
+    b, t = qf.shape[:2]
+    n_valid = jnp.full((b,), t, jnp.int32)
+    kc, vc, s_excl, z_excl, new_state, offset = _continue(spec, state, kf, v, pos, n_valid)
+    length = kc.shape[1] * spec.group_size
+    qc = _to_chunks(jax.vmap(_behind_group, in_axes=(0, 0, 0, None))(
+        jnp.zeros(state.k_group.shape[:-1] + qf.shape[-1:], F32), qf, offset, length), spec.group_size)
+    out = _chunk_outputs(spec, qc.astype(qf.dtype), kc.astype(kf.dtype), vc.astype(v.dtype), s_excl, z_excl, lam, alpha)
+    take = jax.vmap(lambda o, off: jax.lax.dynamic_slice_in_dim(o, off, t, axis=0))
+    return take(out.reshape(b, length, *out.shape[3:]), offset), new_state
+
+
+def commit(spec: LinearSpec, state: LinearState, kf, v, pos, n_accepted):
+    """The state after the first n_accepted tokens of kf/v [B, m, H, *] (per row), as n steps would."""
+    return _continue(spec, state, kf, v, pos, n_accepted)[4]
+
+
+# --------------------------------------------------------------------------- step
+
+
+def step(spec: LinearSpec, qf, kf, v, state: LinearState, pos, lam=1.0, alpha=1.0):
+    """Decode one token per row: qf/kf [B, H, F], v [B, H, Dv] at positions pos [B]. O(1) in pos."""
+    g = spec.group_size
+    slot = pos % g
+    write = jax.vmap(lambda buf, x, i: jax.lax.dynamic_update_slice_in_dim(buf, x[None].astype(F32), i, axis=0))
+    k_group = write(state.k_group, kf, slot)
+    v_group = write(state.v_group, v, slot)
+    in_group = (jnp.arange(g)[None, :] <= slot[:, None])[:, :, None]  # [B, G, 1]
+    q32 = qf.astype(F32)
+    local_num = local_den = global_num = global_den = None
+    if spec.local_kernel is not None:
+        w = jnp.where(in_group, spec.kappa(jnp.einsum("bhf,bghf->bgh", q32, k_group)), 0.0)
+        local_num = jnp.einsum("bgh,bghd->bhd", w, v_group)
+        local_den = jnp.sum(w, axis=1)
+    if spec.use_global:
+        global_num = jnp.einsum("bhf,bhfd->bhd", q32, state.s)
+        if spec.normalize:
+            global_den = jnp.einsum("bhf,bhf->bh", q32, state.z)
+    out = _combine(spec, lam, alpha, local_num, local_den, global_num, global_den)
+    # The token that completes a group folds the whole group into S (and z).
+    full = (slot == g - 1)[:, None, None, None]
+    s = state.s + jnp.where(full, jnp.einsum("bghf,bghd->bhfd", k_group, v_group), 0.0)
+    z = state.z + jnp.where(full[..., 0], jnp.sum(k_group, axis=1), 0.0) if spec.normalize else state.z
+    return out, LinearState(s=s, z=z, k_group=k_group, v_group=v_group)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def verify(spec: LinearSpec, qf, kf, v, state: LinearState, pos, ancestors, depths, lam=1.0, alpha=1.0):
+    """Outputs for m candidate tokens [B, m, ...] read from `state` without changing it.
+
+    ancestors [m, m] bool: candidate i sees candidate j (itself included); a lower-triangular
+    matrix is a chain, anything else a tree. depths [m]: i's distance from the state, so it sits
+    at absolute position pos + depths[i]. Each candidate sees exactly its own causal history:
+    the state, then its ancestors, split into local and global terms by their own groups.
+    """
+    g = spec.group_size
+    group_now = pos // g  # [B]
+    slot = pos % g
+    group_i = (pos[:, None] + depths[None, :]) // g  # [B, m]
+    q32, k32, v32 = qf.astype(F32), kf.astype(F32), v.astype(F32)
+    # scores against the buffered tokens of the current group and against the candidates
+    buf_score = jnp.einsum("bihf,bjhf->bhij", q32, state.k_group)  # [B, H, m, G]
+    cand_score = jnp.einsum("bihf,bjhf->bhij", q32, k32)  # [B, H, m, m]
+    buffered = jnp.arange(g)[None, None, :] < slot[:, None, None]  # [B, 1, G]
+    buf_same = (buffered & (group_i == group_now[:, None])[:, :, None])[:, None]  # [B, 1, m, G]
+    buf_earlier = (buffered & (group_i > group_now[:, None])[:, :, None])[:, None]
+    cand_same = (ancestors[None] & (group_i[:, :, None] == group_i[:, None, :]))[:, None]  # [B, 1, m, m]
+    cand_earlier = (ancestors[None] & (group_i[:, None, :] < group_i[:, :, None]))[:, None]
+
+    def mix(w_buf, w_cand):
+        num = jnp.einsum("bhij,bjhd->bihd", w_buf, state.v_group) + jnp.einsum("bhij,bjhd->bihd", w_cand, v32)
+        den = jnp.einsum("bhij->bih", w_buf) + jnp.einsum("bhij->bih", w_cand)
+        return num, den
+
+    local_num = local_den = global_num = global_den = None
+    if spec.local_kernel is not None:
+        local_num, local_den = mix(
+            jnp.where(buf_same, spec.kappa(buf_score), 0.0), jnp.where(cand_same, spec.kappa(cand_score), 0.0)
+        )
+    if spec.use_global:
+        global_num, global_den = mix(jnp.where(buf_earlier, buf_score, 0.0), jnp.where(cand_earlier, cand_score, 0.0))
+        global_num = global_num + jnp.einsum("bihf,bhfd->bihd", q32, state.s)
+        if spec.normalize:
+            global_den = global_den + jnp.einsum("bihf,bhf->bih", q32, state.z)
+    return _combine(spec, lam, alpha, local_num, local_den, global_num, global_den)
