@@ -21,7 +21,10 @@ import numpy as np
 def l2_normalize(x: jax.Array, eps: float) -> jax.Array:
     """x / (||x|| + eps): eps keeps zero vectors (padding) at zero instead of NaN."""
     x = x.astype(jnp.float32)
-    return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + eps)
+    square = jnp.sum(x * x, axis=-1, keepdims=True)
+    # the norm's gradient x / ||x|| is 0/0 at zero: route zero vectors through a safe branch
+    norm = jnp.where(square > 0, jnp.sqrt(jnp.where(square > 0, square, 1.0)), 0.0)
+    return x / (norm + eps)
 
 
 def elu_plus_one(x: jax.Array) -> jax.Array:

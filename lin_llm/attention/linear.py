@@ -91,11 +91,21 @@ def reference(spec: LinearSpec, qf, kf, v, lam=1.0, alpha=1.0):
 def _prefix_states(spec: LinearSpec, kc, vc, s0, z0):
     """States before each chunk of kc/vc [B, N, G, H, *], starting from s0/z0 (fp32)."""
     kv = jnp.einsum("bngkf,bngkd->bnkfd", kc.astype(F32), vc.astype(F32))
-    s_excl = s0[:, None] + jnp.cumsum(kv, axis=1) - kv
+    s_excl = _exclusive_cumsum(kv, s0)
     if not spec.normalize:
         return s_excl, None
-    k_sum = jnp.sum(kc.astype(F32), axis=2)
-    return s_excl, z0[:, None] + jnp.cumsum(k_sum, axis=1) - k_sum
+    return s_excl, _exclusive_cumsum(jnp.sum(kc.astype(F32), axis=2), z0)
+
+
+def _exclusive_cumsum(x, initial):
+    """initial + sum of x over the chunks before each chunk (axis 1).
+
+    Shifted rather than cumsum(x) - x: that subtraction cancels catastrophically in the
+    backward pass when one chunk's cotangent is huge (a normaliser near zero), leaking
+    rounding noise of the size of that cotangent into earlier chunks' gradients.
+    """
+    shifted = jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+    return initial[:, None] + jnp.cumsum(shifted, axis=1)
 
 
 def _chunk_outputs(spec: LinearSpec, qc, kc, vc, s_excl, z_excl, lam, alpha):
