@@ -82,12 +82,12 @@ class Attention(nnx.Module):
             return self._out(softmax.causal_attention(q, k, v))
         return self._out(layer.forward(self.math, self._params(), q, k, v, positions))
 
-    def extend(self, x, positions, layer_state, pos):
+    def extend(self, x, positions, layer_state, pos, lengths=None):
         q, k, v = self._qkv(x, positions)
-        if self.math is None:
+        if self.math is None:  # padding lands past the row's position: masked, then overwritten
             out, layer_state = softmax.cached_attention(q, k, v, layer_state, pos)
         else:
-            out, layer_state = layer.extend(self.math, self._params(), q, k, v, positions, layer_state, pos)
+            out, layer_state = layer.extend(self.math, self._params(), q, k, v, positions, layer_state, pos, lengths)
         return self._out(out), layer_state
 
     def verify(self, x, positions, layer_state, pos, ancestors, depths):
@@ -138,8 +138,8 @@ class Block(nnx.Module):
     def __call__(self, x, positions):
         return self._finish(x, self.attn(self.attn_norm(x), positions))
 
-    def extend(self, x, positions, layer_state, pos):
-        h, layer_state = self.attn.extend(self.attn_norm(x), positions, layer_state, pos)
+    def extend(self, x, positions, layer_state, pos, lengths=None):
+        h, layer_state = self.attn.extend(self.attn_norm(x), positions, layer_state, pos, lengths)
         return self._finish(x, h), layer_state
 
     def verify(self, x, positions, layer_state, pos, ancestors, depths):
@@ -187,16 +187,21 @@ class LlamaModel(nnx.Module):
             pos=jnp.zeros((batch_size,), jnp.int32),
         )
 
-    def prefill(self, input_ids: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
-        """Consume input_ids [B, T] after what ``state`` holds; logits [B, T, V] and the new state."""
+    def prefill(self, input_ids: jax.Array, state: DecodeState, lengths=None) -> tuple[jax.Array, DecodeState]:
+        """Consume input_ids [B, T] after what ``state`` holds; logits [B, T, V] and the new state.
+
+        lengths [B] (default T): rows are right-padded past lengths[r]; padding is never attended
+        and never enters the state, and the row's position advances by lengths[r] only.
+        """
         t = input_ids.shape[1]
         positions = state.pos[:, None] + jnp.arange(t)[None, :]
         x = self.embed(input_ids)
         new_layers = []
         for block, layer_state in zip(self.layers, state.layers):
-            x, layer_state = block.extend(x, positions, layer_state, state.pos)
+            x, layer_state = block.extend(x, positions, layer_state, state.pos, lengths)
             new_layers.append(layer_state)
-        return self._logits(x), DecodeState(layers=tuple(new_layers), pos=state.pos + t)
+        advance = t if lengths is None else lengths
+        return self._logits(x), DecodeState(layers=tuple(new_layers), pos=state.pos + advance)
 
     def step(self, token_ids: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
         """Consume one token per row, token_ids [B]; logits [B, V] and the new state."""

@@ -105,19 +105,22 @@ def init_state(lm: LayerMath, batch: int, heads: int, dv: int, conv_kernel_size:
     )
 
 
-def extend(lm: LayerMath, params: dict, q, k, v, positions, state: LinearLayerState, pos):
-    """Prefill T tokens after `state`; T = 1 takes the O(1) step form."""
+def extend(lm: LayerMath, params: dict, q, k, v, positions, state: LinearLayerState, pos, lengths=None):
+    """Prefill T tokens after `state` (rows right-padded past `lengths`); T = 1 takes the O(1)
+    step form."""
     qf, kf = _featurise(lm, params, q, k, positions)
     lam, alpha = _mix(params)
-    if q.shape[1] == 1:
+    if q.shape[1] == 1 and lengths is None:
         out, attn = linear.step(lm.spec, qf[:, 0], kf[:, 0], v[:, 0], state.attn, pos, lam, alpha)
         out = out[:, None]
     else:
-        out, attn = linear.extend(lm.spec, qf.astype(q.dtype), kf.astype(k.dtype), v, state.attn, pos, lam, alpha)
+        out, attn = linear.extend(
+            lm.spec, qf.astype(q.dtype), kf.astype(k.dtype), v, state.attn, pos, lam, alpha, n_valid=lengths
+        )
     history = state.conv
     if lm.preset.conv:
         out = out + conv.conv(v, params["conv"], history)
-        history = conv.new_history(history, v)
+        history = conv.new_history(history, v, lengths)
     return out, LinearLayerState(attn=attn, conv=history)
 
 

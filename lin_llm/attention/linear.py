@@ -175,10 +175,14 @@ def _continue(spec: LinearSpec, state: LinearState, kf, v, pos, n_valid):
     return kc, vc, s_excl, z_excl, new_state, offset
 
 
-def extend(spec: LinearSpec, qf, kf, v, state: LinearState, pos, lam=1.0, alpha=1.0):
-    """Prefill: consume T tokens after what `state` holds (row r continues at position pos[r])."""
+def extend(spec: LinearSpec, qf, kf, v, state: LinearState, pos, lam=1.0, alpha=1.0, n_valid=None):
+    """Prefill: consume T tokens after what `state` holds (row r continues at position pos[r]).
+
+    n_valid [B] (default T): row r's tokens past n_valid[r] are right padding; they never enter
+    the state, and their outputs are meaningless.
+    """
     b, t = qf.shape[:2]
-    n_valid = jnp.full((b,), t, jnp.int32)
+    n_valid = jnp.full((b,), t, jnp.int32) if n_valid is None else n_valid
     kc, vc, s_excl, z_excl, new_state, offset = _continue(spec, state, kf, v, pos, n_valid)
     length = kc.shape[1] * spec.group_size
     qc = _to_chunks(jax.vmap(_behind_group, in_axes=(0, 0, 0, None))(
