@@ -17,6 +17,7 @@ import lin_llm
 from lin_llm.attention import conv, layer, presets
 from lin_llm.attention.layer import layer_math
 from lin_llm.checkpoint import CheckpointError, load_checkpoint, save_model
+from state_utils import assert_states_close
 
 LINEAR = [name for name in presets.NAMES if name != "softmax"]
 G, H, D, KSIZE = 8, 2, 8, 7
@@ -183,32 +184,6 @@ def test_split_resume_and_steps_equal_full_forward(name):
     _assert_close(jnp.concatenate(outs, 1), full)
 
 
-def _meaningful(state):
-    """The parts of a decoding state that decoding reads: stale slots are zeroed (cache entries
-    at or past a row's position; group-buffer slots at or past pos % G)."""
-    layers = []
-    for layer_state in state.layers:
-        if hasattr(layer_state, "k"):  # softmax KV cache
-            live = (jnp.arange(layer_state.k.shape[1])[None, :] < state.pos[:, None])[:, :, None, None]
-            layers.append((layer_state.k * live, layer_state.v * live))
-        else:
-            attn = layer_state.attn
-            live = (jnp.arange(MODEL_G)[None, :] < (state.pos % MODEL_G)[:, None])[:, :, None, None]
-            layers.append((attn.s, attn.z, attn.k_group * live, attn.v_group * live, layer_state.conv))
-    return layers, state.pos
-
-
-def _states_close(a, b, row=None):
-    for x, y in zip(jax.tree_util.tree_leaves(_meaningful(a)), jax.tree_util.tree_leaves(_meaningful(b))):
-        assert x.shape == y.shape
-        if row is not None:
-            x, y = x[row], y[row]
-        if x.size:
-            assert np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max() <= 1e-5 * max(
-                np.abs(np.asarray(y)).max(), 1.0
-            )
-
-
 # A tree of 6 candidates:  0 -> 1 -> 3 -> 5,  0 -> 2 -> 4
 PARENT = [-1, 0, 0, 1, 2, 3]
 
@@ -248,11 +223,11 @@ def test_verify_equals_steps_and_commit_equals_steps(name):
     path = jnp.broadcast_to(jnp.arange(m), (2, m))
     for n in (1, 3):
         committed = _commit(model, state0, pending, path, jnp.full((2,), n, jnp.int32))
-        _states_close(committed, step_states[n - 1])
+        assert_states_close(committed, step_states[n - 1])
     # rows may accept different lengths
     committed = _commit(model, state0, pending, path, jnp.array([2, 5], jnp.int32))
     for row, n in enumerate((2, 5)):
-        _states_close(committed, step_states[n - 1], row)
+        assert_states_close(committed, step_states[n - 1], row)
 
     # tree: every node's logits are those of stepping along its own root-to-node path
     anc, depth = _tree()
@@ -265,7 +240,7 @@ def test_verify_equals_steps_and_commit_equals_steps(name):
     branch = jnp.broadcast_to(jnp.array([0, 2, 4, 0, 0, 0]), (2, 6))
     committed = _commit(model, state0, pending, branch, jnp.full((2,), 3, jnp.int32))
     _, branch_states = walk(cand[:, jnp.array([0, 2, 4])])
-    _states_close(committed, branch_states[-1])
+    assert_states_close(committed, branch_states[-1])
     _assert_close(_step(model, IDS[:, 0], committed)[0], _step(model, IDS[:, 0], branch_states[-1])[0])
 
 

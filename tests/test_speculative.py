@@ -1,0 +1,121 @@
+"""Plain and speculative decoding: exact greedy equality, exact sampling distribution, batching."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats
+
+import lin_llm
+from lin_llm.generation import generate, process_logits, speculative_generate
+from state_utils import assert_states_close
+
+GROUP = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _model(attention, seed, n_layers=2, vocab=64):
+    cfg = lin_llm.load_config(None, [
+        f"model.n_layers={n_layers}", f"model.attention={attention}", f"model.la.group_size={GROUP}",
+        "model.la.conv_kernel_size=7", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64",
+        f"model.vocab_size={vocab}", "model.max_seq_len=96", "train.seq_len=96", "model.init_std=0.3",
+    ]).model
+    model = lin_llm.build_model(cfg, seed=seed)
+    for block in model.layers:  # the conv and alpha start at zero: make them act
+        for i, name in enumerate(block.attn.extra):
+            param = getattr(block.attn, name)
+            param[...] = param[...] + 0.3 * jax.random.normal(jax.random.key(seed + i), param[...].shape)
+    return model
+
+
+PROMPTS = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7]]  # ragged, right-padded inside
+
+
+def _step_state(model, prompt, tokens):
+    """The state of feeding prompt + tokens one call at a time (plain decoding's state)."""
+    state = model.init_state(1, 96)
+    _, state = model.prefill(jnp.asarray([prompt]), state)
+    for token in tokens:
+        _, state = model.step(jnp.asarray([token]), state)
+    return state
+
+
+@pytest.mark.parametrize("attention", ["softmax", "aug", "hedgehog+conv"])
+@pytest.mark.parametrize("draft_kind", ["random", "target"])
+def test_greedy_speculative_equals_greedy_plain(attention, draft_kind):
+    target = _model(attention, 1)
+    draft = target if draft_kind == "target" else _model("elu", 2, n_layers=1)  # often wrong
+    plain = np.asarray(generate(target, PROMPTS, 30))
+    spec, summary, states = speculative_generate(target, draft, PROMPTS, 30, gamma=3, return_states=True)
+    np.testing.assert_array_equal(np.asarray(spec), plain)
+    if draft_kind == "target":
+        assert summary["acceptance_rate"] == 1.0 and summary["mean_tokens_per_target_call"] > 3
+    else:
+        assert summary["acceptance_rate"] < 0.5
+    # the final states are those of feeding the same tokens one by one (30 tokens: 7 groups)
+    tokens, n_tokens = np.asarray(states["tokens"]), np.asarray(states["n_tokens"])
+    for row, prompt in enumerate(PROMPTS):
+        consumed = tokens[row, : n_tokens[row] - 1]
+        np.testing.assert_array_equal(consumed[:30], plain[row, : len(consumed)])
+        one_row = jax.tree.map(lambda x: x[row : row + 1], states["target"])
+        assert_states_close(one_row, _step_state(target, prompt, consumed), rtol=1e-4)
+        one_row = jax.tree.map(lambda x: x[row : row + 1], states["draft"])
+        assert_states_close(one_row, _step_state(draft, prompt, consumed), rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["softmax", "aug"])
+def test_batched_generation_equals_each_row_alone(attention):
+    model = _model(attention, 3)
+    batched = np.asarray(generate(model, PROMPTS, 12, temperature=0.0))
+    for row, prompt in enumerate(PROMPTS):
+        np.testing.assert_array_equal(np.asarray(generate(model, [prompt], 12))[0], batched[row])
+
+
+def test_padding_is_never_attended():
+    model = _model("aug", 3)
+    prompt = [[3, 5, 8]]
+    ids, lengths = jnp.asarray([[3, 5, 8, 0, 0, 0, 0]]), jnp.asarray([3])
+    other = ids.at[:, 3:].set(jnp.asarray([9, 9, 9, 9]))
+    state_a = model.prefill(ids, model.init_state(1, 32), lengths)[1]
+    state_b = model.prefill(other, model.init_state(1, 32), lengths)[1]
+    assert_states_close(state_a, state_b, rtol=0)
+    assert_states_close(state_a, model.prefill(jnp.asarray(prompt), model.init_state(1, 32))[1])
+
+
+# --------------------------------------------------------------------------- exact sampling
+
+VOCAB = 6
+
+
+def _exact_joint(model, prompt, n_tokens, temperature, top_k):
+    """P(x_1..x_n | prompt) of the target under the same temperature/top-k, by enumeration."""
+    seqs = np.array(list(itertools.product(range(VOCAB), repeat=n_tokens)), np.int32)
+    ids = jnp.asarray(np.concatenate([np.tile(prompt, (len(seqs), 1)), seqs], axis=1))
+    logp = process_logits(model(ids), temperature, top_k, None)  # [S, T, V]
+    start = len(prompt) - 1
+    steps = [logp[np.arange(len(seqs)), start + i, seqs[:, i]] for i in range(n_tokens)]
+    return seqs, np.exp(np.asarray(sum(steps), np.float64))
+
+
+@pytest.mark.parametrize(
+    "gamma, temperature, top_k", [(1, 1.0, None), (2, 1.0, None), (2, 1.0, 3), (3, 0.7, 4)]
+)
+def test_speculative_sampling_matches_the_target_distribution(gamma, temperature, top_k):
+    target = _model("aug", 4, vocab=VOCAB)
+    draft = _model("softmax", 5, n_layers=1, vocab=VOCAB)  # a different distribution q
+    prompt, n_tokens, n_samples = [1, 3, 2, 5], 3, 6000
+    tokens, summary = speculative_generate(
+        target, draft, [prompt] * n_samples, n_tokens, gamma=gamma, temperature=temperature, top_k=top_k, seed=11
+    )
+    assert 0.1 < summary["acceptance_rate"] < 0.95  # both accepting and rejecting are exercised
+    seqs, probs = _exact_joint(target, np.array(prompt), n_tokens, temperature, top_k)
+    index = {tuple(s): i for i, s in enumerate(seqs)}
+    observed = np.bincount([index[tuple(row)] for row in np.asarray(tokens)], minlength=len(seqs))
+    assert observed[probs == 0].sum() == 0  # nothing outside the top-k support
+    keep = probs > 0
+    result = stats.chisquare(observed[keep], probs[keep] / probs[keep].sum() * n_samples)
+    assert result.pvalue > 1e-3, result
