@@ -1,50 +1,129 @@
-"""Generate text from a lin_llm checkpoint or a Hugging Face LLaMA directory.
+"""Generate text from a lin_llm checkpoint (or a Hugging Face LLaMA directory).
 
-    python decode.py --checkpoint DIR --prompt "In the beginning" --max-new-tokens 64
+    python decode.py --checkpoint DIR --prompt "In the beginning" [--max-new-tokens 64]
+        [--draft DIR --gamma 4 | --medusa --medusa-topk 4 2 2]
+        [--temperature 0.8 --top-k 50 --top-p 0.95 --seed 0] [--benchmark] [--json]
+
+Prints the text as it is generated, then a stats line. --benchmark measures plain vs
+speculative/Medusa decoding of the same prompt and the per-token latency at 256, 2048 and
+16384 tokens of context (--json: one JSON object).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 
+import numpy as np
+
+from lin_llm import benchmarking
 from lin_llm.checkpoint import CheckpointError, load_checkpoint
 from lin_llm.config import ConfigError
-from lin_llm.generation import generate
+from lin_llm.generation import generate, speculative_generate
+from lin_llm.medusa import medusa_generate
 from lin_llm.tokenizer import load_tokenizer
 
 
-def main(argv=None) -> int:
+class TextStream:
+    """Prints row 0's new tokens as text as they arrive (bytes of a split UTF-8 char wait)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.printed = tokenizer, [], ""
+
+    def __call__(self, tokens, counts):
+        self.tokens.extend(int(t) for t in np.asarray(tokens)[0, : int(np.asarray(counts)[0])])
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return
+        print(text[len(self.printed) :], end="", flush=True)
+        self.printed = text
+
+
+def _parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="lin_llm checkpoint or Hugging Face LLaMA directory")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--draft", help="draft model checkpoint for speculative decoding")
+    mode.add_argument("--medusa", action="store_true", help="Medusa decoding with the checkpoint's own heads")
+    parser.add_argument("--gamma", type=int, default=4, help="draft tokens per target call")
+    parser.add_argument("--medusa-topk", type=int, nargs="+", default=[4, 2, 2], help="tree: top-k of each head")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--override", action="append", default=[], help="model config key=value, repeatable")
-    args = parser.parse_args(argv)
-    try:
-        model = load_checkpoint(args.checkpoint, overrides=args.override)
-        tokenizer = load_tokenizer(args.checkpoint, model.cfg.bos_id, model.cfg.eos_id)
-        if tokenizer.vocab_size > model.cfg.vocab_size:
-            raise CheckpointError(
-                f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size}"
-            )
-        prompt = tokenizer.encode(args.prompt)
-        if not prompt:
-            raise ValueError("the prompt is empty after tokenisation; give some text with --prompt")
-        if model.cfg.bos_id is not None:
-            prompt = [model.cfg.bos_id] + prompt
-        tokens = generate(
-            model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, eos_id=model.cfg.eos_id, seed=args.seed,
+    parser.add_argument("--benchmark", action="store_true", help="measure instead of printing text")
+    parser.add_argument("--json", action="store_true", help="with --benchmark: print one JSON object")
+    return parser
+
+
+def _load(args):
+    overrides = list(args.override)
+    if args.benchmark:  # room for the longest latency context
+        overrides.append(f"max_seq_len={max(benchmarking.CONTEXTS) + 64}")
+    target = load_checkpoint(args.checkpoint, overrides=overrides)
+    draft = load_checkpoint(args.draft, overrides=overrides) if args.draft else None
+    if draft is not None and draft.cfg.vocab_size != target.cfg.vocab_size:
+        raise CheckpointError(
+            f"the draft's vocabulary ({draft.cfg.vocab_size} tokens) differs from the target's "
+            f"({target.cfg.vocab_size}): speculative decoding needs models that share a tokenizer"
         )
+    if args.medusa and target.cfg.medusa_heads == 0:
+        raise CheckpointError(f"{args.checkpoint} has no Medusa heads (model.medusa_heads=0); train some first")
+    tokenizer = load_tokenizer(args.checkpoint, target.cfg.bos_id, target.cfg.eos_id)
+    if tokenizer.vocab_size > target.cfg.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {target.cfg.vocab_size}")
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise ValueError("the prompt is empty; give some text with --prompt")
+    if target.cfg.bos_id is not None:
+        prompt = [target.cfg.bos_id] + prompt
+    return target, draft, tokenizer, prompt
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        target, draft, tokenizer, prompt = _load(args)
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        if args.benchmark:
+            result = benchmarking.compare_decoding(
+                target, prompt, args.max_new_tokens, draft=draft, medusa_topk=args.medusa_topk if args.medusa else None,
+                gamma=args.gamma,
+            )
+            result["attention"] = target.cfg.attention
+            result["latency_ms_per_token"] = {
+                str(c): round(1e3 * benchmarking.latency_at_context(target, c), 3) for c in benchmarking.CONTEXTS
+            }
+            print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+            return 0
+        stream = TextStream(tokenizer)
+        print(args.prompt, end="", flush=True)
+        start = time.perf_counter()
+        if draft is not None:
+            _, stats = speculative_generate(
+                target, draft, [prompt], args.max_new_tokens, gamma=args.gamma, eos_id=target.cfg.eos_id,
+                stream=stream, **sampling,
+            )
+        elif args.medusa:
+            _, stats = medusa_generate(
+                target, [prompt], args.max_new_tokens, topk=tuple(args.medusa_topk), eos_id=target.cfg.eos_id,
+                stream=stream,
+            )
+        else:
+            generate(target, [prompt], args.max_new_tokens, eos_id=target.cfg.eos_id, stream=stream, **sampling)
+            stats = {}
+        seconds = time.perf_counter() - start
+        n = len(stream.tokens)
+        details = "".join(f", {k} {v:.3g}" if isinstance(v, float) else f", {k} {v}" for k, v in stats.items())
+        print(f"\n[{n} tokens in {seconds:.2f} s (with compilation): {n / seconds:.1f} tokens/s{details}]", file=sys.stderr)
     except (CheckpointError, ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(args.prompt + tokenizer.decode(tokens[0]))
     return 0
 
 

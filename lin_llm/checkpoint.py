@@ -22,7 +22,7 @@ import yaml
 from flax import nnx
 
 from lin_llm.config import ConfigError, ModelConfig, config_to_dict, model_config_from_dict
-from lin_llm.model import LlamaModel, abstract_model, attention_param_defaults
+from lin_llm.model import LlamaModel, abstract_model, new_param_defaults
 
 CONFIG_FILE = "config.yaml"
 PARAMS_DIR = "params"
@@ -76,13 +76,13 @@ def param_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
 def check_param_shapes(cfg: ModelConfig, shapes: dict[str, tuple]) -> dict[str, object]:
     """Check stored {name: shape} against the model of ``cfg`` before any data is read.
 
-    Names and shapes must match, except that the linear-attention params a softmax checkpoint
-    lacks are allowed missing: they are returned with their initial values.
+    Names and shapes must match, except that the linear-attention and Medusa params a plain
+    checkpoint lacks are allowed missing: they are returned with their initial values.
     """
     expected = param_shapes(cfg)
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
-    defaults = attention_param_defaults(cfg)
+    defaults = new_param_defaults(cfg)
     if unexpected or not set(missing) <= set(defaults):
         raise CheckpointError(
             f"parameters do not match model.attention={cfg.attention!r} and the other fields of the config: "

@@ -74,6 +74,7 @@ class ModelConfig:
     la: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     bos_id: int | None = None
     eos_id: int | None = None
+    medusa_heads: int = 0  # extra heads predicting tokens t+2 .. t+1+medusa_heads (Medusa decoding)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -82,13 +83,49 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """What train.py does (lin_llm.training). Batch sizes count sequences of ``seq_len`` tokens."""
+
     steps: int = 200
-    batch_size: int = 8
+    batch_size: int = 8  # sequences per optimizer step, over all devices and hosts
     seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum each, summed in one step)
+    # optimizer: AdamW, linear warm-up then the schedule, global-norm clipping
     learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"  # cosine | constant | linear (decay after warm-up)
     warmup_steps: int = 20
-    seed: int = 0
+    min_lr_ratio: float = 0.1  # cosine/linear decay to learning_rate * min_lr_ratio
+    weight_decay: float = 0.0  # on matrices (kernels, embeddings, LoRA) only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    remat: bool = False  # recompute each block's activations in the backward pass
+    seed: int = 0  # parameter init and data order
+    # data
+    data: str = "data/kjv.txt.xz"  # local text/JSONL/parquet file(s): comma-separated, globs ok
+    dataset: str = ""  # a Hugging Face hub dataset name instead of train.data (needs network)
+    dataset_config: str = ""
+    dataset_split: str = "train"
+    text_field: str = "text"
+    tokenizer: str = "auto"  # auto (init_from's tokenizer.json, else bytes) | byte | DIR with tokenizer.json
+    val_fraction: float = 0.05  # documents held out for validation (a fixed split, seed-independent)
+    val_batches: int = 16  # validation batches per evaluation; 0 = the whole split
+    # what to start from and what trains
+    init_from: str = ""  # lin_llm or HF checkpoint dir; model.* of this config may change attention only
+    trainable: str = ".*"  # regex (re.search) over param paths like layers.0.attn.wq.kernel
+    lora_rank: int = 0  # > 0: LoRA on the params matching lora_targets (frozen base + A B)
+    lora_alpha: float = 16.0
+    lora_targets: str = r"attn\.(wq|wk|wv|wo)\.kernel$"
+    # attention-transfer distillation before fine-tuning (LoLCATs): per-layer MSE to softmax
+    distill_steps: int = 0
+    distill_learning_rate: float = 1e-2
+    distill_trainable: str = ""  # regex; empty = the linear-attention params a softmax model lacks
+    # eval, checkpoints, logging
+    eval_every: int = 100  # 0 = only at the end
+    save_every: int = 100  # 0 = only at the end (and on Ctrl-C)
+    keep_checkpoints: int = 3
+    log_every: int = 10
     output_dir: str = "runs/default"
+    export_model: bool = True  # write output_dir/model (a lin_llm checkpoint) at the end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +135,11 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # multi-host: jax.distributed.initialize() is called when coordinator is set here, when the
+    # JAX_COORDINATOR_ADDRESS environment variable is, or on a recognised cluster (TPU pod, SLURM)
+    coordinator: str = ""  # host:port of process 0
+    num_processes: int = 0  # 0 = from the environment
+    process_id: int = -1  # -1 = from the environment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,18 +320,61 @@ def validate_model(m: ModelConfig) -> None:
     _choice(la.local_kernel, ("relu2", "yoso"), "model.la.local_kernel")
     _positive(la.eps, "model.la.eps")
     _positive(la.feature_dim, "model.la.feature_dim")
+    _require(m.medusa_heads >= 0, f"model.medusa_heads={m.medusa_heads} must be >= 0")
     for name in ("bos_id", "eos_id"):
         tok = getattr(m, name)
         _require(tok is None or 0 <= tok < m.vocab_size, f"model.{name}={tok} must be in [0, vocab_size={m.vocab_size})")
 
 
+LR_SCHEDULES = ("cosine", "constant", "linear")
+
+
+def _regex(value: str, name: str) -> None:
+    import re
+
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise ConfigError(f"{name}={value!r} is not a valid regular expression: {err}") from None
+
+
 def validate(cfg: Config) -> None:
     validate_model(cfg.model)
     t = cfg.train
-    for name in ("steps", "batch_size", "seq_len"):
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "keep_checkpoints", "log_every"):
         _positive(getattr(t, name), f"train.{name}")
     _positive(t.learning_rate, "train.learning_rate")
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _choice(t.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    for name in ("beta1", "beta2"):
+        _require(0.0 <= getattr(t, name) < 1.0, f"train.{name}={getattr(t, name)} must be in [0, 1)")
+    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 turns clipping off)")
+    _require(
+        t.batch_size % t.grad_accum == 0,
+        f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size} "
+        "(each step sums grad_accum micro-batches of equal size)",
+    )
+    _require(0.0 < t.val_fraction < 1.0, f"train.val_fraction={t.val_fraction} must be in (0, 1)")
+    for name in ("val_batches", "eval_every", "save_every", "lora_rank", "distill_steps"):
+        _require(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must be >= 0")
+    _positive(t.lora_alpha, "train.lora_alpha")
+    _positive(t.distill_learning_rate, "train.distill_learning_rate")
+    for name in ("trainable", "lora_targets", "distill_trainable"):
+        _regex(getattr(t, name), f"train.{name}")
+    _require(bool(t.data or t.dataset), "train.data is empty: give a local text/JSONL/parquet file or set train.dataset")
+    _require(t.text_field != "", "train.text_field must name the column that holds the text")
+    _require(
+        t.distill_steps == 0 or cfg.model.attention != "softmax",
+        "train.distill_steps > 0 distils softmax attention into linear attention; "
+        "set model.attention to a linear preset (e.g. aug) or train.distill_steps=0",
+    )
+    _require(
+        t.distill_steps == 0 or t.init_from != "",
+        "train.distill_steps > 0 needs train.init_from: a trained softmax checkpoint to distil from",
+    )
+    _require(t.output_dir != "", "train.output_dir must be set (checkpoints and metrics go there)")
     _require(
         t.seq_len <= cfg.model.max_seq_len,
         f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
@@ -302,3 +387,5 @@ def validate(cfg: Config) -> None:
         sum(size == -1 for size in axes.values()) <= 1,
         "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
     )
+    _require(cfg.mesh.num_processes >= 0, f"mesh.num_processes={cfg.mesh.num_processes} must be >= 0 (0 = from the environment)")
+    _require(cfg.mesh.process_id >= -1, f"mesh.process_id={cfg.mesh.process_id} must be >= 0, or -1 for the environment's")

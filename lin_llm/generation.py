@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from lin_llm.attention.state import DecodeState, KVCache
 
@@ -82,8 +83,6 @@ def _check_request(model, lengths: np.ndarray, max_new_tokens: int, extra: int, 
             + (f" + {extra} speculative slots" if extra else "")
             + f" = {total} exceeds the model's max_seq_len={model.cfg.max_seq_len}"
         )
-    vocab = model.cfg.vocab_size
-    return vocab
 
 
 def _last_logits(logits, lengths):
@@ -101,8 +100,16 @@ def _finish(out, eos_id):
 # --------------------------------------------------------------------------- plain decoding
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "temperature", "top_k", "top_p", "eos_id"))
-def _generate(graphdef, params, ids, lengths, key, *, max_new_tokens, max_len, temperature, top_k, top_p, eos_id):
+def _emit(stream, tokens, counts):
+    """Hand tokens [B, k] (the first counts[r] of row r are new) to the host, in order."""
+    if stream is not None:
+        io_callback(stream, None, tokens, counts, ordered=True)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "temperature", "top_k", "top_p", "eos_id", "stream")
+)
+def _generate(graphdef, params, ids, lengths, key, *, max_new_tokens, max_len, temperature, top_k, top_p, eos_id, stream):
     model = nnx.merge(graphdef, params)
     batch = ids.shape[0]
     draw = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -111,6 +118,7 @@ def _generate(graphdef, params, ids, lengths, key, *, max_new_tokens, max_len, t
     token = draw(_last_logits(logits, lengths), sub)
     out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
     done = token == eos_id if eos_id is not None else jnp.zeros((batch,), bool)
+    _emit(stream, token[:, None], jnp.ones((batch,), jnp.int32))
 
     def cond(carry):
         i, _, _, _, done, _ = carry
@@ -121,6 +129,7 @@ def _generate(graphdef, params, ids, lengths, key, *, max_new_tokens, max_len, t
         logits, state = model.step(token, state)
         key, sub = jax.random.split(key)
         token = draw(logits, sub)
+        _emit(stream, token[:, None], (~done).astype(jnp.int32))
         if eos_id is not None:
             done = done | (token == eos_id)
         return i + 1, token, state, out.at[:, i].set(token), done, key
@@ -140,12 +149,14 @@ def generate(
     top_p: float | None = None,
     eos_id: int | None = None,
     seed: int = 0,
+    stream=None,
 ) -> jax.Array:
     """New tokens [B, max_new_tokens] continuing each prompt.
 
     prompt_ids: a [B, T] array, or a list of token lists of different lengths. After a row
     emits ``eos_id`` the rest of it is ``eos_id``. Softmax models keep a KV cache; linear
-    attention models an O(1) state.
+    attention models an O(1) state. ``stream(tokens [B, k], counts [B])``, if given, is called
+    on the host as tokens are generated (the first counts[r] tokens of row r are new).
     """
     ids, lengths = pad_prompts(prompt_ids)
     _check_request(model, lengths, max_new_tokens, 0, temperature)
@@ -153,7 +164,7 @@ def generate(
     return _generate(
         graphdef, params, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed),
         max_new_tokens=max_new_tokens, max_len=int(lengths.max()) + max_new_tokens, temperature=float(temperature),
-        top_k=top_k, top_p=top_p, eos_id=eos_id,
+        top_k=top_k, top_p=top_p, eos_id=eos_id, stream=stream,
     )
 
 
@@ -183,10 +194,12 @@ def _probs(logits, temperature, top_k, top_p):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("target_def", "draft_def", "max_new_tokens", "max_len", "gamma", "temperature", "top_k", "top_p", "eos_id"),
+    static_argnames=(
+        "target_def", "draft_def", "max_new_tokens", "max_len", "gamma", "temperature", "top_k", "top_p", "eos_id", "stream"
+    ),
 )
 def _speculative(target_def, target_params, draft_def, draft_params, ids, lengths, key, *, max_new_tokens, max_len,
-                 gamma, temperature, top_k, top_p, eos_id):
+                 gamma, temperature, top_k, top_p, eos_id, stream):
     target = nnx.merge(target_def, target_params)
     draft = nnx.merge(draft_def, draft_params)
     batch = ids.shape[0]
@@ -203,6 +216,7 @@ def _speculative(target_def, target_params, draft_def, draft_params, ids, length
     n_out = jnp.ones((batch,), jnp.int32)
     done = last == eos_id if eos_id is not None else jnp.zeros((batch,), bool)
     stats = jnp.zeros((3,), jnp.int32)  # target calls, proposed, accepted (over active rows)
+    _emit(stream, last[:, None], jnp.ones((batch,), jnp.int32))
 
     def cond(carry):
         *_, n_out, done, _, _ = carry
@@ -247,6 +261,7 @@ def _speculative(target_def, target_params, draft_def, draft_params, ids, length
         tokens = jnp.concatenate([drafts, jnp.zeros((batch, 1), jnp.int32)], axis=1).at[rows, n_acc].set(new_last)
         write = jax.vmap(lambda o, t, at: jax.lax.dynamic_update_slice_in_dim(o, t, at, axis=0))
         out = jnp.where(active[:, None], write(out, tokens, n_out), out)
+        _emit(stream, tokens, jnp.where(active, jnp.minimum(n_acc + 1, max_new_tokens - n_out), 0))
         if eos_id is not None:
             new_eos = jnp.any((tokens == eos_id) & (jnp.arange(gamma + 1)[None, :] <= n_acc[:, None]), axis=1)
             done = done | (active & new_eos)
@@ -281,6 +296,7 @@ def speculative_generate(
     eos_id: int | None = None,
     seed: int = 0,
     return_states: bool = False,
+    stream=None,
 ):
     """Speculative decoding: ``draft`` proposes gamma tokens, ``target`` checks them in one pass.
 
@@ -288,7 +304,7 @@ def speculative_generate(
     normalize(max(0, p - q)) at the first rejection, a bonus token from p when all pass; greedy:
     accept iff the draft equals the target's argmax) makes the output distribution exactly the
     target's. Both models' states are rolled back to the accepted prefix: the target by
-    committing it, the draft by selecting its per-position state.
+    committing it, the draft by selecting its per-position state. ``stream`` as in generate.
 
     Returns (tokens [B, max_new_tokens], stats) where stats has acceptance_rate,
     mean_tokens_per_target_call, target_calls. With return_states, also a dict of both final
@@ -310,7 +326,7 @@ def speculative_generate(
     out, stats, states = _speculative(
         target_def, target_params, draft_def, draft_params, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed),
         max_new_tokens=max_new_tokens, max_len=int(lengths.max()) + max_new_tokens + gamma + 1, gamma=gamma,
-        temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id,
+        temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id, stream=stream,
     )
     calls, proposed, accepted = (int(x) for x in stats)
     generated = int(np.sum(np.asarray(_generated_counts(out, eos_id, max_new_tokens))))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lin_llm.attention import layer, presets, softmax
@@ -161,21 +162,38 @@ class LlamaModel(nnx.Module):
         self.lm_head = (
             None if cfg.tie_embeddings else _linear(cfg, rngs, cfg.dim, cfg.vocab_size, preferred_element_type=jnp.float32)
         )
+        # Medusa: head i maps the final hidden h to h + silu(W_i h + b_i), then through the shared
+        # output projection, to predict the token i + 2 places ahead. Zero-initialised, so each
+        # head starts as a copy of the model's own next-token head.
+        self.medusa = nnx.List(
+            [
+                nnx.Linear(cfg.dim, cfg.dim, kernel_init=nnx.initializers.zeros, rngs=rngs, **_dtypes(cfg))
+                for _ in range(cfg.medusa_heads)
+            ]
+        )
 
-    def _logits(self, x):
-        x = self.norm(x)
+    def _project(self, h):
         if self.lm_head is not None:
-            return self.lm_head(x).astype(jnp.float32)
-        emb = self.embed.embedding[...].astype(x.dtype)
-        return jnp.einsum("btd,vd->btv", x, emb, preferred_element_type=jnp.float32)
+            return self.lm_head(h).astype(jnp.float32)
+        emb = self.embed.embedding[...].astype(h.dtype)
+        return jnp.einsum("btd,vd->btv", h, emb, preferred_element_type=jnp.float32)
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def medusa_logits(self, hidden: jax.Array) -> jax.Array:
+        """Logits [B, T, medusa_heads, V] of the Medusa heads from final hidden states [B, T, dim]
+        (as returned with ``return_hidden=True``): head i predicts position t + i + 2."""
+        return jnp.stack([self._project(hidden + jax.nn.silu(head(hidden))) for head in self.medusa], axis=2)
+
+    def hidden(self, input_ids: jax.Array) -> jax.Array:
+        """Final (normalised) hidden states [B, T, dim] of a whole sequence."""
         b, t = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         x = self.embed(input_ids)
         for block in self.layers:
             x = block(x, positions)
-        return self._logits(x)
+        return self.norm(x)
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        return self._project(self.hidden(input_ids))
 
     def init_state(self, batch_size: int, max_len: int) -> DecodeState:
         """An empty decoding state. Softmax preallocates a KV cache of max_len; linear attention's
@@ -187,8 +205,9 @@ class LlamaModel(nnx.Module):
             pos=jnp.zeros((batch_size,), jnp.int32),
         )
 
-    def prefill(self, input_ids: jax.Array, state: DecodeState, lengths=None) -> tuple[jax.Array, DecodeState]:
-        """Consume input_ids [B, T] after what ``state`` holds; logits [B, T, V] and the new state.
+    def prefill(self, input_ids: jax.Array, state: DecodeState, lengths=None, return_hidden: bool = False):
+        """Consume input_ids [B, T] after what ``state`` holds; logits [B, T, V] and the new state
+        (and the final hidden states [B, T, dim] first, with return_hidden).
 
         lengths [B] (default T): rows are right-padded past lengths[r]; padding is never attended
         and never enters the state, and the row's position advances by lengths[r] only.
@@ -201,18 +220,23 @@ class LlamaModel(nnx.Module):
             x, layer_state = block.extend(x, positions, layer_state, state.pos, lengths)
             new_layers.append(layer_state)
         advance = t if lengths is None else lengths
-        return self._logits(x), DecodeState(layers=tuple(new_layers), pos=state.pos + advance)
+        hidden = self.norm(x)
+        new_state = DecodeState(layers=tuple(new_layers), pos=state.pos + advance)
+        if return_hidden:
+            return hidden, self._project(hidden), new_state
+        return self._project(hidden), new_state
 
     def step(self, token_ids: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
         """Consume one token per row, token_ids [B]; logits [B, V] and the new state."""
         logits, state = self.prefill(token_ids[:, None], state)
         return logits[:, 0], state
 
-    def verify(self, token_ids: jax.Array, state: DecodeState, ancestors=None, depths=None):
+    def verify(self, token_ids: jax.Array, state: DecodeState, ancestors=None, depths=None, return_hidden=False):
         """Score m candidates [B, m] in one pass without changing ``state``.
 
         ancestors [m, m] bool (self included) and depths [m] describe a token tree; the default
-        is a chain. Returns logits [B, m, V] and what ``commit`` needs.
+        is a chain. Returns logits [B, m, V] and what ``commit`` needs (and the final hidden
+        states [B, m, dim] first, with return_hidden).
         """
         m = token_ids.shape[1]
         if ancestors is None:
@@ -223,7 +247,10 @@ class LlamaModel(nnx.Module):
         for block, layer_state in zip(self.layers, state.layers):
             x, layer_pending = block.verify(x, positions, layer_state, state.pos, ancestors, depths)
             pending.append(layer_pending)
-        return self._logits(x), tuple(pending)
+        hidden = self.norm(x)
+        if return_hidden:
+            return hidden, self._project(hidden), tuple(pending)
+        return self._project(hidden), tuple(pending)
 
     def commit(self, state: DecodeState, pending, path: jax.Array, n_accepted: jax.Array) -> DecodeState:
         """The state after accepting candidates path[:, :n_accepted] (indices into the verified
@@ -241,7 +268,7 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> LlamaModel:
 
 
 def attention_param_defaults(cfg: ModelConfig) -> dict:
-    """Initial values of the linear-attention params {flat name: array}: what a softmax
+    """Initial values {flat name: array} of the linear-attention params: what a softmax
     checkpoint lacks when it is linearised."""
     preset = presets.get(cfg.attention)
     if preset is None:
@@ -249,6 +276,16 @@ def attention_param_defaults(cfg: ModelConfig) -> dict:
     la, d = cfg.la, cfg.resolved_head_dim
     extra = presets.init_params(preset, cfg.n_heads, d, la.conv_kernel_size, la.conv_per_channel)
     return {f"layers.{i}.attn.{name}": value for i in range(cfg.n_layers) for name, value in extra.items()}
+
+
+def new_param_defaults(cfg: ModelConfig) -> dict:
+    """Initial values of every param a plain LLaMA checkpoint may lack: linear attention's (when
+    it is linearised) and the Medusa heads' (when they are added)."""
+    defaults = attention_param_defaults(cfg)
+    for i in range(cfg.medusa_heads):
+        defaults[f"medusa.{i}.kernel"] = np.zeros((cfg.dim, cfg.dim), np.float32)
+        defaults[f"medusa.{i}.bias"] = np.zeros((cfg.dim,), np.float32)
+    return defaults
 
 
 def abstract_model(cfg: ModelConfig) -> LlamaModel:

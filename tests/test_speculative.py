@@ -12,6 +12,7 @@ from scipy import stats
 
 import lin_llm
 from lin_llm.generation import generate, process_logits, speculative_generate
+from lin_llm.medusa import build_tree, medusa_generate, medusa_loss
 from state_utils import assert_states_close
 
 GROUP = 4
@@ -119,3 +120,77 @@ def test_speculative_sampling_matches_the_target_distribution(gamma, temperature
     keep = probs > 0
     result = stats.chisquare(observed[keep], probs[keep] / probs[keep].sum() * n_samples)
     assert result.pvalue > 1e-3, result
+
+
+# --------------------------------------------------------------------------- Medusa
+
+
+@functools.lru_cache(maxsize=None)
+def _medusa_model(attention, head_scale):
+    cfg = lin_llm.load_config(None, [
+        "model.n_layers=2", f"model.attention={attention}", f"model.la.group_size={GROUP}", "model.la.conv_kernel_size=7",
+        "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64", "model.vocab_size=64",
+        "model.max_seq_len=96", "train.seq_len=96", "model.init_std=0.3", "model.medusa_heads=3",
+    ]).model
+    model = lin_llm.build_model(cfg, seed=6)
+    for i, head in enumerate(model.medusa):  # scale 0: every head copies the next-token head
+        head.kernel[...] = head_scale * jax.random.normal(jax.random.key(i), head.kernel[...].shape)
+    return model
+
+
+@pytest.mark.parametrize("attention", ["softmax", "aug"])
+@pytest.mark.parametrize("head_scale", [0.0, 0.5])
+def test_medusa_greedy_equals_plain_greedy(attention, head_scale):
+    model = _medusa_model(attention, head_scale)
+    plain = np.asarray(generate(model, PROMPTS, 30))
+    out, summary = medusa_generate(model, PROMPTS, 30, topk=(3, 2, 2))
+    np.testing.assert_array_equal(np.asarray(out), plain)
+    assert summary["tree_nodes"] == 1 + 3 + 6 + 12
+    print(attention, head_scale, summary)
+
+
+def test_medusa_tree_verification_equals_stepping_each_path():
+    model = _medusa_model("aug", 0.5)
+    tree = build_tree((3, 2, 2))
+    depth, ancestors, paths = tree.arrays()
+    state = model.prefill(jnp.asarray([PROMPTS[0]]), model.init_state(1, 96))[1]  # position 7: boundary at 8
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 64, size=(1, tree.size)))
+    logits, _ = model.verify(tokens, state, jnp.asarray(ancestors), jnp.asarray(depth))
+    for node in range(tree.size):
+        s = state
+        for j in paths[node, : depth[node] + 1]:
+            step_logits, s = model.step(tokens[:, j], s)
+        np.testing.assert_allclose(np.asarray(logits[:, node]), np.asarray(step_logits), rtol=0, atol=1e-4)
+
+
+def test_medusa_loss_reaches_the_heads():
+    model = _medusa_model("softmax", 0.0)
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, 64, size=(2, 16)))
+    grads = nnx.grad(medusa_loss)(model, ids)
+    flat = {jax.tree_util.keystr(p): g for p, g in jax.tree_util.tree_leaves_with_path(grads)}
+    assert any("medusa" in name and np.abs(np.asarray(g)).max() > 0 for name, g in flat.items())
+    assert float(medusa_loss(model, ids)) > 0
+
+
+# --------------------------------------------------------------------------- decode.py
+
+
+def test_decode_cli_refuses_bad_requests(tmp_path, capsys):
+    import decode
+
+    byte_level = lin_llm.load_config(None, ["model.n_layers=1", "model.max_seq_len=128", "train.seq_len=128"]).model
+    lin_llm.checkpoint.save_model(lin_llm.build_model(byte_level), tmp_path / "target")  # vocabulary 260
+    lin_llm.checkpoint.save_model(_model("softmax", 1), tmp_path / "draft")  # vocabulary 64
+    ckpt = str(tmp_path / "target")
+    cases = [
+        (["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"], "does not exist"),
+        (["--checkpoint", ckpt, "--prompt", ""], "the prompt is empty"),
+        (["--checkpoint", ckpt, "--prompt", "x" * 200], "exceeds the model's max_seq_len=128"),
+        (["--checkpoint", ckpt, "--prompt", "x", "--draft", str(tmp_path / "draft")], "draft's vocabulary \\(64 tokens\\)"),
+        (["--checkpoint", ckpt, "--prompt", "x", "--medusa"], "no Medusa heads"),
+    ]
+    import re
+
+    for argv, message in cases:
+        assert decode.main(argv) == 2
+        assert re.search(message, capsys.readouterr().err), argv

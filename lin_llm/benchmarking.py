@@ -1,0 +1,93 @@
+"""Decoding measurements shared by ``decode.py --benchmark`` and ``bench/decode.py``.
+
+Every figure times a jitted call after a first call that compiled it; all are wall-clock on
+whatever JAX's default device is, so compare ratios measured in the same run.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lin_llm.generation import generate, speculative_generate
+from lin_llm.medusa import medusa_generate
+
+CONTEXTS = (256, 2048, 16384)
+
+
+def _timed(fn, repeats: int = 3):
+    """(median seconds, last result) of fn() after one warm-up call."""
+    result = jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), result
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_steps"))
+def _greedy_steps(graphdef, params, state, token, n_steps):
+    model = nnx.merge(graphdef, params)
+
+    def body(_, carry):
+        token, state = carry
+        logits, state = model.step(token, state)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), state
+
+    return jax.lax.fori_loop(0, n_steps, body, (token, state))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prefill_chunk(graphdef, params, ids, state):
+    return nnx.merge(graphdef, params).prefill(ids, state)[1]
+
+
+def latency_at_context(model, context: int, n_steps: int = 32, chunk: int = 512, seed: int = 0) -> float:
+    """Seconds per decoded token once `context` tokens are in the state (B = 1).
+
+    The context is prefilled in chunks (a softmax model's [T, T] scores would not fit at once).
+    """
+    needed = context + n_steps
+    if needed > model.cfg.max_seq_len:
+        raise ValueError(f"context {context} + {n_steps} steps exceeds max_seq_len={model.cfg.max_seq_len}")
+    graphdef, params = nnx.split(model)
+    ids = jax.random.randint(jax.random.key(seed), (1, context), 0, model.cfg.vocab_size)
+    state = model.init_state(1, needed)
+    for start in range(0, context, chunk):
+        state = _prefill_chunk(graphdef, params, ids[:, start : start + chunk], state)
+    token = ids[:, -1]
+    seconds, _ = _timed(lambda: _greedy_steps(graphdef, params, state, token, n_steps))
+    return seconds / n_steps
+
+
+def compare_decoding(target, prompt, max_new_tokens, *, draft=None, medusa_topk=None, gamma=4, repeats=3) -> dict:
+    """Greedy plain vs speculative (with `draft`) or Medusa (with `medusa_topk`) decoding of one
+    prompt: tokens/s of each, whether the outputs are identical, and the acceptance stats."""
+    plain_seconds, plain = _timed(lambda: generate(target, [prompt], max_new_tokens), repeats)
+    result = {"max_new_tokens": max_new_tokens, "plain_tokens_per_s": round(max_new_tokens / plain_seconds, 2)}
+    if draft is not None:
+        run = lambda: speculative_generate(target, draft, [prompt], max_new_tokens, gamma=gamma)
+        name = "speculative"
+    elif medusa_topk is not None:
+        run = lambda: medusa_generate(target, [prompt], max_new_tokens, topk=tuple(medusa_topk))
+        name = "medusa"
+    else:
+        return result
+    seconds, (tokens, stats) = _timed(run, repeats)
+    result.update({
+        "mode": name,
+        f"{name}_tokens_per_s": round(max_new_tokens / seconds, 2),
+        "speedup": round(plain_seconds / seconds, 3),
+        "identical_greedy_output": bool(np.array_equal(np.asarray(tokens), np.asarray(plain))),
+        **{key: round(value, 4) if isinstance(value, float) else value for key, value in stats.items()},
+    })
+    if name == "speculative":
+        result["gamma"] = gamma
+        result["mean_accepted_length"] = round(stats["acceptance_rate"] * gamma, 4)
+    return result
