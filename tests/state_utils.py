@@ -5,14 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def meaningful(state):
+def meaningful(state, used):
     """The parts of a decoding state that decoding reads, stale slots zeroed: KV-cache entries at
-    or past a row's position (and the cache cropped to the longest row), group-buffer slots at
-    or past pos % G."""
+    or past a row's position (the cache cropped to `used` slots), group-buffer slots at or past
+    pos % G."""
     layers = []
     for layer_state in state.layers:
-        if hasattr(layer_state, "k"):  # softmax KV cache, cropped: caches may differ in max_len
-            used = int(state.pos.max())
+        if hasattr(layer_state, "k"):  # softmax KV cache, cropped to `used`: caches may differ in max_len
             live = (jnp.arange(used)[None, :] < state.pos[:, None])[:, :, None, None]
             layers.append((layer_state.k[:, :used] * live, layer_state.v[:, :used] * live))
         else:
@@ -24,7 +23,8 @@ def meaningful(state):
 
 
 def assert_states_close(a, b, row=None, rtol=1e-5):
-    for x, y in zip(jax.tree_util.tree_leaves(meaningful(a)), jax.tree_util.tree_leaves(meaningful(b))):
+    used = int(max(a.pos.max(), b.pos.max()))
+    for x, y in zip(jax.tree_util.tree_leaves(meaningful(a, used)), jax.tree_util.tree_leaves(meaningful(b, used))):
         assert x.shape == y.shape
         if row is not None:
             x, y = x[row], y[row]
