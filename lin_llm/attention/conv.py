@@ -33,19 +33,44 @@ def history_len(kernel_size: int) -> int:
 
 def conv(v: jax.Array, weight: jax.Array, history: jax.Array | None = None) -> jax.Array:
     """Full (and prefill) form: v [B, T, H, Dv] after `history` [B, K_eff-1, H, Dv] (zeros if None)."""
-    taps = causal_taps(weight)  # [K, H, C]
+    taps = causal_taps(weight)  # [K, H, 1 or Dv]
     k_eff = taps.shape[0]
     b, t, h, dv = v.shape
     if history is None:
         history = jnp.zeros((b, k_eff - 1, h, dv), F32)
-    x = jnp.concatenate([history.astype(F32), v.astype(F32)], axis=1).reshape(b, t + k_eff - 1, h * dv)
-    # depthwise: one filter per channel; lax convolutions correlate, so flip lags into time order
-    kernel = jnp.broadcast_to(taps[::-1], (k_eff, h, dv)).reshape(k_eff, 1, h * dv)
+    x = jnp.concatenate([history.astype(F32), v.astype(F32)], axis=1)
+    if weight.ndim == 2:
+        return _toeplitz_conv(x, taps[..., 0])[:, k_eff - 1 :]
+    # per channel: a depthwise convolution; lax convolutions correlate, so lags go in time order
+    kernel = taps[::-1].reshape(k_eff, 1, h * dv)
     out = jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(1,), padding="VALID", dimension_numbers=("NWC", "WIO", "NWC"),
-        feature_group_count=h * dv, precision="highest",
+        x.reshape(b, t + k_eff - 1, h * dv), kernel, window_strides=(1,), padding="VALID",
+        dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=h * dv, precision="highest",
     )
     return out.reshape(b, t, h, dv)
+
+
+def _toeplitz_conv(x: jax.Array, taps: jax.Array) -> jax.Array:
+    """Causal conv of x [B, T, H, D] (zero before 0) with per-head taps [K, H], as two banded
+    [L, L] matmuls per block of L >= K tokens (this block and the one before): matmul-shaped
+    work runs several times faster than a grouped convolution on CPU and maps to the MXU."""
+    k_eff = taps.shape[0]
+    b, t, h, d = x.shape
+    block = max(64, k_eff)
+    pad = (-t) % block
+    xb = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, (t + pad) // block, block, h, d)
+    previous = jnp.concatenate([jnp.zeros_like(xb[:, :1]), xb[:, :-1]], axis=1)
+    lag = jnp.arange(block)[:, None] - jnp.arange(block)[None, :]  # output i minus input j
+
+    def band(extra_lag):  # [H, L, L]: taps[lag + extra_lag] where that is a tap
+        index = lag + extra_lag
+        inside = (index >= 0) & (index < k_eff)
+        return jnp.where(inside[None], jnp.moveaxis(taps[jnp.clip(index, 0, k_eff - 1)], -1, 0), 0.0)
+
+    out = jnp.einsum("hij,bnjhd->bnihd", band(0), xb, precision="highest") + jnp.einsum(
+        "hij,bnjhd->bnihd", band(block), previous, precision="highest"
+    )
+    return out.reshape(b, t + pad, h, d)[:, :t]
 
 
 def new_history(history: jax.Array, v: jax.Array, n_valid: jax.Array | None = None) -> jax.Array:
