@@ -18,6 +18,7 @@ from lin_llm.attention.layer import layer_math
 from lin_llm.attention.state import DecodeState
 from lin_llm.config import ModelConfig
 from lin_llm.rope import apply_rope, inverse_frequencies
+from pallas_kernels import select_impl
 
 
 def _dtypes(cfg: ModelConfig) -> dict:
@@ -51,6 +52,7 @@ class Attention(nnx.Module):
             self.math = layer_math(
                 preset, group_size=la.group_size, local_kernel=la.local_kernel, head_dim=d, eps=la.eps,
                 max_len=cfg.max_seq_len, performer_features=la.feature_dim, seed=la.seed, layer=layer_index,
+                impl=select_impl(cfg.attention_impl),
             )
             extra = presets.init_params(preset, cfg.n_heads, d, la.conv_kernel_size, la.conv_per_channel)
             for name, value in extra.items():

@@ -2,7 +2,7 @@
 
 Pure functions of (static LayerMath, params dict, q, k, v, positions[, state]). q, k, v are
 [B, T, H, d] after RoPE, with k and v already repeated to the H query heads. The forms:
-  forward(..., form="chunked" | "reference")   training / the O(T^2) reference
+  forward(..., form="chunked" | "reference")   training (XLA or Pallas kernels) / the O(T^2) reference
   extend(...)                                  prefill from a state
   step(...)                                    one token from a state, O(1)
   verify(...) + commit(...)                    m candidates (chain or tree) in one pass
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from lin_llm.attention import conv, feature_maps, linear
 from lin_llm.attention.presets import Preset, feature_dim
 from lin_llm.attention.state import LinearLayerState
+from pallas_kernels import Impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +34,16 @@ class LayerMath:
     performer_features: int
     seed: int
     layer: int
+    impl: Impl = Impl("xla", None)  # the training form's implementation (pallas_kernels.select_impl)
 
     @property
     def feature_dim(self) -> int:
         return feature_dim(self.preset, self.head_dim, self.performer_features)
 
 
-def layer_math(preset: Preset, *, group_size, local_kernel, head_dim, eps, max_len, performer_features, seed, layer):
+def layer_math(
+    preset: Preset, *, group_size, local_kernel, head_dim, eps, max_len, performer_features, seed, layer, impl=Impl("xla", None)
+):
     kernel = local_kernel if preset.local == "paper" else preset.local
     spec = linear.LinearSpec(
         group_size=group_size,
@@ -48,7 +52,7 @@ def layer_math(preset: Preset, *, group_size, local_kernel, head_dim, eps, max_l
         normalize=preset.normalize,
         local_scale=1.0 / group_size if preset.flash else 1.0,
     )
-    return LayerMath(preset, spec, head_dim, eps, max_len, performer_features, seed, layer)
+    return LayerMath(preset, spec, head_dim, eps, max_len, performer_features, seed, layer, impl)
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,12 +90,32 @@ def _featurise(lm, params, q, k, positions):
     return features(lm, params, q, positions, True), features(lm, params, k, positions, False)
 
 
+def _kernel(lm: LayerMath, qf, kf, v, lam, alpha):
+    """The chunked scan through the Pallas kernels (every local kernel but YOSO's)."""
+    spec = lm.spec
+    kwargs = dict(
+        chunk_size=spec.group_size,
+        local_kernel=spec.local_kernel or "dot",
+        local_scale=lam * spec.local_scale if spec.local_kernel else 0.0,
+        global_scale=alpha if spec.use_global else 0.0,
+    )
+    if spec.normalize:
+        return lm.impl.normalized(qf, kf, v, eps=spec.eps, **kwargs).astype(jnp.float32)
+    return lm.impl(qf, kf, v, **kwargs).astype(jnp.float32)
+
+
 def forward(lm: LayerMath, params: dict, q, k, v, positions, form: str = "chunked"):
-    """Whole sequences from position 0: out [B, T, H, Dv] (float32)."""
+    """Whole sequences from position 0: out [B, T, H, Dv] (float32). form "chunked" runs
+    lm.impl (Pallas kernels where they apply, else XLA); "reference" the O(T^2) formula."""
     qf, kf = _featurise(lm, params, q, k, positions)
+    qf, kf = qf.astype(q.dtype), kf.astype(k.dtype)
     lam, alpha = _mix(params)
-    attend = linear.chunked if form == "chunked" else linear.reference
-    out = attend(lm.spec, qf.astype(q.dtype), kf.astype(k.dtype), v, lam, alpha)
+    if form == "reference":
+        out = linear.reference(lm.spec, qf, kf, v, lam, alpha)
+    elif lm.impl.name != "xla" and lm.spec.local_kernel != "yoso":
+        out = _kernel(lm, qf, kf, v.astype(q.dtype), lam, alpha)
+    else:
+        out = linear.chunked(lm.spec, qf, kf, v, lam, alpha)
     if lm.preset.conv:
         out = out + conv.conv(v, params["conv"])
     return out
