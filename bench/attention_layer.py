@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -22,20 +20,11 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from lin_llm.attention import layer, presets, softmax
+from lin_llm.benchmarking import matmul_gflops, timed
 from lin_llm.attention.layer import layer_math
 
 B, H, D = 1, 8, 64
 SOFTMAX_MAX_T = 8192  # its [H, T, T] scores at 16384 need ~9 GB per copy: beyond this machine
-
-
-def _timed(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def model_flops(name: str, t: int, group: int = 64, conv_taps: int = 32) -> float:
@@ -45,12 +34,6 @@ def model_flops(name: str, t: int, group: int = 64, conv_taps: int = 32) -> floa
     else:  # aug: in-group scores and values, per-group k^T v, q S, the conv over v
         forward = 2 * t * (group * D + group * D + D * D + D * D + conv_taps * D)
     return 3 * forward * B * H
-
-
-def matmul_gflops(repeats: int, n: int = 2048) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    fn = jax.jit(lambda a, b: a @ b)
-    return 2 * n**3 / _timed(fn, (a, a), repeats) / 1e9
 
 
 def _fwd_bwd(forward):
@@ -84,7 +67,7 @@ def run(lengths, repeats):
         fn, params = (aug_layer if name == "aug" else softmax_layer)(t)
         q, k, v = (jax.random.normal(key, (B, t, H, D), jnp.float32) for key in jax.random.split(jax.random.key(t), 3))
         args = (q, k, v, params)
-        seconds = _timed(fn, args, repeats)
+        seconds = timed(lambda: fn(*args), repeats)[0]
         flops = model_flops(name, t)
         gflops = flops / seconds / 1e9
         rows.append({
@@ -92,8 +75,8 @@ def run(lengths, repeats):
             "gflop_per_s": round(gflops, 2), "fraction_of_matmul": round(gflops / matmul, 3),
         })
     for name in ("aug", "softmax"):  # time ratio per doubling of T
-        timed = [r for r in rows if r["attention"] == name and "fwd_bwd_ms" in r]
-        for prev, cur in zip(timed, timed[1:]):
+        measured = [r for r in rows if r["attention"] == name and "fwd_bwd_ms" in r]
+        for prev, cur in zip(measured, measured[1:]):
             cur["time_ratio_vs_half_T"] = round(cur["fwd_bwd_ms"] / prev["fwd_bwd_ms"], 2)
     return {"benchmark": "attention_layer_fwd_bwd", "B": B, "H": H, "head_dim": D, "dtype": "float32",
             "device": jax.devices()[0].device_kind, "matmul_gflop_per_s": round(matmul, 2), "rows": rows}

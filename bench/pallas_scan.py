@@ -16,27 +16,16 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
+from lin_llm.benchmarking import timed
 from pallas_kernels import reference
 
 F32 = jnp.float32
-
-
-def _timed(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _inputs(b, t, h, d, dtype, seed=0):
@@ -101,7 +90,7 @@ def timings(platform, lengths, repeats, b, h, d, dtype, chunk, kind):
             for mode, compiled in (("fwd", jax.jit(fn)), ("fwd+bwd", _fwd_bwd(fn))):
                 row = {"impl": name, "mode": mode, "T": t}
                 try:
-                    row["seconds"] = _timed(compiled, args, repeats)
+                    row["seconds"] = timed(lambda: compiled(*args), repeats)[0]
                     row["tokens_per_second"] = b * t / row["seconds"]
                 except Exception as e:  # an OOM at long T is a result, not a crash
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -20,8 +20,8 @@ from lin_llm.medusa import medusa_generate
 CONTEXTS = (256, 2048, 16384)
 
 
-def _timed(fn, repeats: int = 3):
-    """(median seconds, last result) of fn() after one warm-up call."""
+def timed(fn, repeats: int = 3):
+    """(median seconds, last result) of fn() after one warm-up call (which compiles)."""
     result = jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
@@ -29,6 +29,13 @@ def _timed(fn, repeats: int = 3):
         result = jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return float(np.median(times)), result
+
+
+def matmul_gflops(repeats: int = 3, n: int = 2048) -> float:
+    """GFLOP/s of a plain fp32 [n, n] @ [n, n] jnp matmul: the machine's reference throughput."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    return 2 * n**3 / timed(lambda: matmul(a), repeats)[0] / 1e9
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_steps"))
@@ -62,14 +69,14 @@ def latency_at_context(model, context: int, n_steps: int = 32, chunk: int = 512,
     for start in range(0, context, chunk):
         state = _prefill_chunk(graphdef, params, ids[:, start : start + chunk], state)
     token = ids[:, -1]
-    seconds, _ = _timed(lambda: _greedy_steps(graphdef, params, state, token, n_steps))
+    seconds, _ = timed(lambda: _greedy_steps(graphdef, params, state, token, n_steps))
     return seconds / n_steps
 
 
 def compare_decoding(target, prompt, max_new_tokens, *, draft=None, medusa_topk=None, gamma=4, repeats=3) -> dict:
     """Greedy plain vs speculative (with `draft`) or Medusa (with `medusa_topk`) decoding of one
     prompt: tokens/s of each, whether the outputs are identical, and the acceptance stats."""
-    plain_seconds, plain = _timed(lambda: generate(target, [prompt], max_new_tokens), repeats)
+    plain_seconds, plain = timed(lambda: generate(target, [prompt], max_new_tokens), repeats)
     result = {"max_new_tokens": max_new_tokens, "plain_tokens_per_s": round(max_new_tokens / plain_seconds, 2)}
     if draft is not None:
         run = lambda: speculative_generate(target, draft, [prompt], max_new_tokens, gamma=gamma)
@@ -79,7 +86,7 @@ def compare_decoding(target, prompt, max_new_tokens, *, draft=None, medusa_topk=
         name = "medusa"
     else:
         return result
-    seconds, (tokens, stats) = _timed(run, repeats)
+    seconds, (tokens, stats) = timed(run, repeats)
     result.update({
         "mode": name,
         f"{name}_tokens_per_s": round(max_new_tokens / seconds, 2),
