@@ -1,0 +1,332 @@
+"""Sharded training: 8 fake devices == 1 device, resume == uninterrupted, learning on the corpus,
+LoRA / trainable regex / distillation / remat, Ctrl-C and crash-safe checkpoints, bad inputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import train as train_cli
+from lin_llm import build_model, load_config
+from lin_llm.checkpoint import load_checkpoint, save_model
+from lin_llm.sharding import MeshError
+from lin_llm.training import Trainer, model_flat_params, model_logits
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = [
+    "model.vocab_size=260", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "model.ffn_dim=128", "model.max_seq_len=128", "model.bos_id=256", "model.eos_id=257", "model.la.group_size=16",
+    "train.seq_len=32", "train.batch_size=8", "train.steps=4", "train.eval_every=0", "train.save_every=0",
+    "train.log_every=1", "train.val_batches=2", "train.warmup_steps=2",
+]
+ONE_DEVICE = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compilation_cache(tmp_path_factory):
+    """Trainers of one config compile the same programs: let them share compilations."""
+    before = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    for key, value in before.items():
+        jax.config.update(key, value)
+
+
+def tiny_cfg(out, *extra):
+    return load_config(None, [*TINY, f"train.output_dir={out}", *extra])
+
+
+def run(cfg, devices=None, resume=False, until=None):
+    trainer = Trainer(cfg, resume=resume, progress=False, devices=devices)
+    try:
+        return trainer.run(until=until), trainer
+    finally:
+        trainer.close()
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def test_eight_device_step_equals_one_device_and_params_are_sharded(tmp_path):
+    one, _ = run(tiny_cfg(tmp_path / "one", "model.attention=aug", *ONE_DEVICE), devices=jax.devices()[:1])
+    cfg8 = tiny_cfg(tmp_path / "eight", "model.attention=aug", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    trainer = Trainer(cfg8, progress=False)
+    try:
+        assert dict(trainer.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+        params = {**trainer.state["params"], **trainer.frozen}
+        expected = {  # the rules: embed -> fsdp, heads/mlp/vocab(lm_head) -> tensor, table rows and the rest whole
+            "embed.embedding": (P(None, "fsdp"), (260, 32)),
+            "layers.0.attn.wq.kernel": (P("fsdp", "tensor"), (32, 32)),
+            "layers.0.attn.wk.kernel": (P("fsdp", "tensor"), (32, 16)),
+            "layers.0.attn.wo.kernel": (P("tensor", "fsdp"), (32, 32)),
+            "layers.1.mlp.w_gate.kernel": (P("fsdp", "tensor"), (32, 64)),
+            "layers.1.mlp.w_down.kernel": (P("tensor", "fsdp"), (64, 32)),
+            "lm_head.kernel": (P("fsdp", "tensor"), (32, 130)),
+            "norm.scale": (P(None), (64,)),
+            "layers.0.attn.conv": (P(None, None), (4, 63)),
+            "layers.0.attn.mix_global": (P(), ()),
+        }
+        for name, (spec, shard_shape) in expected.items():
+            assert params[name].sharding.spec == spec, name
+            assert params[name].addressable_shards[0].data.shape == shard_shape, name
+            assert len(params[name].sharding.device_set) == 8
+        # Adam's moments are placed like their params
+        mu = trainer.state["opt"][1][0].mu
+        assert mu["layers.0.attn.wq.kernel"].sharding.spec == P("fsdp", "tensor")
+        batch = trainer.train_batch(0)
+        assert batch.sharding.spec == P(None, ("data", "fsdp"), None)
+        assert batch.addressable_shards[0].data.shape == (1, 2, 33)
+        eight = trainer.run()
+    finally:
+        trainer.close()
+    assert sorted(eight.losses) == [1, 2, 3, 4]
+    for step in one.losses:
+        assert abs(one.losses[step] - eight.losses[step]) < 1e-5, (step, one.losses[step], eight.losses[step])
+    assert one.losses[4] < one.losses[1]  # the steps did train
+    assert abs(one.final_val_loss - eight.final_val_loss) < 1e-5
+
+
+def test_forward_with_constraints_and_remat_equals_model_call():
+    cfg = load_config(None, [*TINY, "model.attention=aug"]).model
+    model = build_model(cfg, seed=1)
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 24)))
+    np.testing.assert_allclose(np.asarray(model_logits(model, ids)), np.asarray(model(ids)), atol=1e-6)
+    graphdef, state = nnx.split(model)
+
+    def loss(state, remat):
+        return jnp.mean(model_logits(nnx.merge(graphdef, state), ids, remat=remat) ** 2)
+
+    g0 = jax.jit(jax.grad(lambda s: loss(s, False)))(state)
+    g1 = jax.jit(jax.grad(lambda s: loss(s, True)))(state)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+    # LoRA + a trainable regex + gradient accumulation + weight decay: every piece of state matters
+    extra = ["train.steps=6", "train.save_every=2", "train.lora_rank=4", "train.trainable=norm|embed",
+             "train.grad_accum=2", "train.weight_decay=0.1", "train.eval_every=3"]
+    whole, _ = run(tiny_cfg(tmp_path / "whole", *extra), devices=jax.devices()[:4])
+    first, _ = run(tiny_cfg(tmp_path / "split", *extra), devices=jax.devices()[:4], until=3)
+    assert first.end_step == 3 and sorted(first.losses) == [1, 2, 3]
+    steps = ocp.CheckpointManager((tmp_path / "split" / "checkpoints").absolute()).all_steps()
+    assert 3 in steps  # stopping early saves where it stopped
+    rest, _ = run(tiny_cfg(tmp_path / "split", *extra), devices=jax.devices()[:4], resume=True)
+    assert rest.start_step == 3 and sorted(rest.losses) == [4, 5, 6]
+    for step in (1, 2, 3):
+        assert first.losses[step] == whole.losses[step]
+    for step in (4, 5, 6):
+        assert rest.losses[step] == whole.losses[step], step
+    assert rest.val[6] == whole.val[6]
+    # the exported models are the same
+    a = model_flat_params(load_checkpoint(tmp_path / "whole" / "model"))
+    b = model_flat_params(load_checkpoint(tmp_path / "split" / "model"))
+    for name in a:
+        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]))
+
+
+def test_loss_decreases_on_the_embedded_corpus(tmp_path):
+    result, _ = run(tiny_cfg(tmp_path, "train.steps=50", "train.learning_rate=3e-3", "train.warmup_steps=5",
+                             "train.eval_every=50", *ONE_DEVICE), devices=jax.devices()[:1])
+    first = np.mean([result.losses[s] for s in range(1, 6)])
+    last = np.mean([result.losses[s] for s in range(46, 51)])
+    assert first > 5.0  # ~ln(260) at the start
+    assert last < first - 1.5, (first, last)
+    assert result.final_val_ppl < 20.0, result.final_val_ppl
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 51))
+    assert lines[-1]["summary"]["steps"] == 50
+
+
+# --------------------------------------------------------------------------- what trains
+
+
+def test_lora_and_trainable_regex_freeze_the_rest(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.steps=2", "train.lora_rank=2", "train.trainable=norm\\.scale$",
+                   "train.learning_rate=1e-2", *ONE_DEVICE)
+    trainer = Trainer(cfg, progress=False, devices=jax.devices()[:1])
+    try:
+        before = {n: np.asarray(v) for n, v in model_flat_params(trainer.final_model()).items()}
+        assert sorted(n for n in trainer.state["params"] if ":lora" not in n) == sorted(
+            n for n in before if n.endswith("norm.scale"))
+        assert len([n for n in trainer.state["params"] if ":lora" in n]) == 2 * 4 * 2  # q,k,v,o x 2 layers x (A, B)
+        trainer.run()
+        after = {n: np.asarray(v) for n, v in model_flat_params(load_checkpoint(tmp_path / "model")).items()}
+    finally:
+        trainer.close()
+    for name in before:
+        changed = not np.array_equal(before[name], after[name])
+        should = name.endswith("norm.scale") or any(f"attn.{w}.kernel" in name for w in ("wq", "wk", "wv", "wo"))
+        assert changed == should, name
+
+
+def test_distillation_fits_linear_attention_to_softmax(tmp_path):
+    softmax = build_model(load_config(None, [*TINY, "model.init_std=0.2"]).model, seed=4)
+    save_model(softmax, tmp_path / "softmax")
+    cfg = tiny_cfg(tmp_path / "run", "model.init_std=0.2", "model.attention=hedgehog", f"train.init_from={tmp_path / 'softmax'}",
+                   "train.distill_steps=60", "train.distill_learning_rate=3e-2", "train.steps=1", *ONE_DEVICE)
+    trainer = Trainer(cfg, progress=False, devices=jax.devices()[:1])
+    try:
+        losses = trainer.distill_losses
+        assert len(losses) == 60 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+        # only the new params moved; the softmax weights are exactly the checkpoint's
+        params = model_flat_params(trainer.final_model())
+        ref = model_flat_params(softmax)
+        for name, value in ref.items():
+            np.testing.assert_array_equal(np.asarray(params[name]), np.asarray(value))
+        assert not np.allclose(np.asarray(params["layers.0.attn.hedgehog_q"]), np.eye(16))
+    finally:
+        trainer.close()
+
+
+# --------------------------------------------------------------------------- interruptions
+
+
+def _cli_env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    args = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"), "--no-progress",
+            *TINY[:9], "train.seq_len=32", "train.batch_size=8", "train.steps=100000", "train.save_every=0",
+            "train.log_every=1", "train.val_batches=1", f"train.output_dir={tmp_path}"]
+    proc = subprocess.Popen(args, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "checkpoint saved" in out, out
+    steps = ocp.CheckpointManager(tmp_path.absolute() / "checkpoints").all_steps()
+    assert len(steps) == 1 and steps[0] >= 3
+    result, _ = run(load_config(ROOT / "configs" / "tiny.yaml", [*TINY[:9], "train.seq_len=32", "train.batch_size=8",
+                                                                 f"train.steps={steps[0] + 2}", "train.log_every=1",
+                                                                 "train.save_every=0", "train.val_batches=1",
+                                                                 f"train.output_dir={tmp_path}", *ONE_DEVICE]),
+                    devices=jax.devices()[:1], resume=True)
+    assert result.start_step == steps[0] and result.end_step == steps[0] + 2
+
+
+def test_a_crash_during_a_save_never_leaves_a_checkpoint_that_restores(tmp_path):
+    """SIGKILL the trainer while orbax is writing a checkpoint: the half-written one is not listed,
+    and resuming takes the last complete one."""
+    args = [sys.executable, str(ROOT / "train.py"), "--no-progress", *TINY, "train.steps=100000", "train.save_every=1",
+            "train.keep_checkpoints=100", f"train.output_dir={tmp_path}", *ONE_DEVICE]
+    proc = subprocess.Popen(args, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "checkpoints"
+    caught = None
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and caught is None:
+            if ckpts.is_dir():
+                partial = [p for p in ckpts.iterdir() if "tmp" in p.name]
+                complete = [p for p in ckpts.iterdir() if p.name.isdigit()]
+                if partial and len(complete) >= 2:
+                    proc.send_signal(signal.SIGKILL)
+                    caught = partial
+            time.sleep(0.002)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert caught, "never saw a checkpoint being written"
+    leftovers = [p for p in ckpts.iterdir() if not p.name.isdigit()]
+    assert leftovers, "the kill should have left a partial checkpoint behind"
+    manager = ocp.CheckpointManager(ckpts.absolute())
+    latest = manager.latest_step()
+    assert all(str(s) != p.name for p in leftovers for s in manager.all_steps())
+    result, trainer = run(tiny_cfg(tmp_path, f"train.steps={latest + 1}", "train.save_every=1",
+                                   "train.keep_checkpoints=100", *ONE_DEVICE), devices=jax.devices()[:1], resume=True)
+    assert result.start_step == latest and result.end_step == latest + 1
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _cli(capsys, *args):
+    code = train_cli.main(["--no-progress", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["train.data=/nonexistent/corpus.txt"], r"no file matches '/nonexistent/corpus.txt'.*point train.data at"),
+        (["train.seq_len=4096"], r"train.seq_len=4096 exceeds model.max_seq_len=128; lower train.seq_len or raise"),
+        (["mesh.data=3"], r"mesh data=3 x fsdp=1 x tensor=1 = 3 devices, but there are 8; make the product 8"),
+        (["mesh.data=-1", "mesh.tensor=3"], r"multiply to 3, which does not divide the 8 devices"),
+        (["mesh.data=8", "train.batch_size=4"], r"= 4 sequences per micro-batch does not divide over the 8 data-parallel"),
+        (["mesh.data=4", "mesh.fsdp=2", "train.grad_accum=4"], r"train.batch_size / train.grad_accum = 2 sequences per micro-batch does not divide over the 8"),
+        (["train.trainable=nothing_matches"], r"train.trainable='nothing_matches' matches no parameter"),
+        (["train.distill_steps=5", "model.attention=aug"], r"train.distill_steps > 0 needs train.init_from"),
+    ],
+)
+def test_bad_input_stops_before_training_with_a_message(tmp_path, capsys, extra, message):
+    code, err = _cli(capsys, *TINY, f"train.output_dir={tmp_path}", *extra)
+    assert code == 2
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_empty_corpus(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n\n")
+    code, err = _cli(capsys, *TINY, f"train.output_dir={tmp_path / 'out'}", f"train.data={empty}")
+    assert code == 2 and "contains no text" in err and "give a corpus with text" in err, err
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("In the beginning.")
+    code, err = _cli(capsys, *TINY, f"train.output_dir={tmp_path / 'out'}", f"train.data={tiny}")
+    assert code == 2 and "too few for one training and one validation sequence" in err, err
+
+
+def test_checkpoint_from_a_different_model_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli(capsys, *TINY, "train.steps=1", f"train.output_dir={out}")[0] == 0
+    # resuming with another model
+    code, err = _cli(capsys, *TINY, "model.n_layers=3", f"train.output_dir={out}", "--resume")
+    assert code == 2 and "different config: model.n_layers: checkpoint 2, config 3" in err, err
+    assert "Set these fields back" in err
+    # or another batch (the data position would not match)
+    code, err = _cli(capsys, *TINY, "train.batch_size=16", f"train.output_dir={out}", "--resume")
+    assert code == 2 and "train.batch_size: checkpoint 8, config 16" in err, err
+    # starting again over existing checkpoints without --resume
+    code, err = _cli(capsys, *TINY, f"train.output_dir={out}")
+    assert code == 2 and "pass --resume to continue" in err, err
+    # initialising from a checkpoint of another shape (attention may change: that is linearising)
+    code, err = _cli(capsys, *TINY, "model.dim=32", f"train.init_from={out / 'model'}",
+                     f"train.output_dir={tmp_path / 'other'}")
+    assert code == 2 and "holds a different model: model.dim: checkpoint 64, config 32" in err, err
+    code, _ = _cli(capsys, *TINY, "model.attention=aug", "train.steps=1",
+                   f"train.init_from={out / 'model'}", f"train.output_dir={tmp_path / 'linear'}")
+    assert code == 0
+
+
+def test_mesh_shape_takes_the_rest_with_minus_one():
+    from lin_llm.sharding import mesh_shape
+
+    cfg = load_config(None, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]).mesh
+    assert mesh_shape(cfg, 8) == (2, 2, 2)
+    with pytest.raises(MeshError, match="= 8 devices, but there are 4"):
+        mesh_shape(cfg, 4)
+    assert mesh_shape(load_config(None, ["mesh.data=-1", "mesh.tensor=2"]).mesh, 8) == (4, 1, 2)
