@@ -46,7 +46,7 @@ def versus_transformers(cfg, prompt, new_tokens: int, repeats: int) -> dict:
             hf_out = hf.generate(ids, **kwargs)
             times.append(time.perf_counter() - start)
     hf_seconds = float(np.median(times))
-    ours_seconds, ours = benchmarking._timed(lambda: generate(model, [prompt], new_tokens), repeats)
+    ours_seconds, ours = benchmarking.timed(lambda: generate(model, [prompt], new_tokens), repeats)
     return {
         "params": sum(p.numel() for p in hf.parameters()),
         "new_tokens": new_tokens,
