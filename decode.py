@@ -64,7 +64,7 @@ def _parser():
 def _load(args):
     overrides = list(args.override)
     if args.benchmark:  # room for the longest latency context
-        overrides.append(f"max_seq_len={max(benchmarking.CONTEXTS) + 64}")
+        overrides.append(f"max_seq_len={max(benchmarking.CONTEXTS) + 256}")
     target = load_checkpoint(args.checkpoint, overrides=overrides)
     draft = load_checkpoint(args.draft, overrides=overrides) if args.draft else None
     if draft is not None and draft.cfg.vocab_size != target.cfg.vocab_size:

@@ -65,7 +65,7 @@ def latency_table(cfg, contexts) -> dict:
     for attention in tqdm(("aug", "softmax"), desc="latency vs context"):
         model_cfg = lin_llm.config.config_from_dict(
             {"model": lin_llm.config.config_to_dict(cfg)},
-            [f"model.attention={attention}", f"model.max_seq_len={max(contexts) + 64}"],
+            [f"model.attention={attention}", f"model.max_seq_len={max(contexts) + 256}"],
         ).model
         model = lin_llm.build_model(model_cfg, seed=0)
         ms = {str(c): round(1e3 * benchmarking.latency_at_context(model, c), 4) for c in contexts}

@@ -55,7 +55,7 @@ def _prefill_chunk(graphdef, params, ids, state):
     return nnx.merge(graphdef, params).prefill(ids, state)[1]
 
 
-def latency_at_context(model, context: int, n_steps: int = 32, chunk: int = 512, seed: int = 0) -> float:
+def latency_at_context(model, context: int, n_steps: int = 128, chunk: int = 512, seed: int = 0) -> float:
     """Seconds per decoded token once `context` tokens are in the state (B = 1).
 
     The context is prefilled in chunks (a softmax model's [T, T] scores would not fit at once).
@@ -69,7 +69,7 @@ def latency_at_context(model, context: int, n_steps: int = 32, chunk: int = 512,
     for start in range(0, context, chunk):
         state = _prefill_chunk(graphdef, params, ids[:, start : start + chunk], state)
     token = ids[:, -1]
-    seconds, _ = timed(lambda: _greedy_steps(graphdef, params, state, token, n_steps))
+    seconds, _ = timed(lambda: _greedy_steps(graphdef, params, state, token, n_steps), repeats=5)
     return seconds / n_steps
 
 
