@@ -184,6 +184,68 @@ def opt_state_shardings(abstract_opt, param_sh: dict, param_shapes: dict, mesh) 
     return jax.tree_util.tree_map_with_path(place, abstract_opt)
 
 
+# --------------------------------------------------------------------------- the steps
+
+# Train fields the compiled step depends on (with the model config and the mesh).
+STEP_FIELDS = ("steps", "batch_size", "seq_len", "grad_accum", "learning_rate", "lr_schedule", "warmup_steps",
+               "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "remat", "trainable", "lora_rank",
+               "lora_alpha", "lora_targets")
+_STEPS: dict = {}
+
+
+def effective_params(params: dict, frozen: dict, t) -> dict:
+    """All model params from the trained and frozen ones, LoRA targets as W + alpha/r A B."""
+    flat = {**frozen, **{n: v for n, v in params.items() if not lora_lib.is_lora(n)}}
+    factors = {n: v for n, v in params.items() if lora_lib.is_lora(n)}
+    return lora_lib.merge(flat, factors, t.lora_alpha, t.lora_rank) if factors else flat
+
+
+def merged_model(graphdef, params: dict, frozen: dict, t, replicated) -> LlamaModel:
+    flat = effective_params(params, frozen, t)
+    if "embed.embedding" in flat:  # FSDP: gather the table before the lookup (a gather from a
+        # column-sharded table would otherwise be resharded to the batch layout the slow way)
+        flat["embed.embedding"] = jax.lax.with_sharding_constraint(flat["embed.embedding"], replicated)
+    return nnx.merge(graphdef, unflatten(flat))
+
+
+def build_steps(graphdef, tx, schedule, t, mesh, state_sh, train_sh, frozen_sh, batch_sh, eval_sh):
+    """(train_step, eval_step), jitted with explicit shardings; the train step donates the state.
+
+    train_step(state, frozen, batch [accum, micro, T + 1]) -> (state, {loss, grad_norm, lr});
+    eval_step(params, frozen, tokens [micro, T + 1]) -> mean loss.
+    """
+    replicated = shd.replicated(mesh)
+
+    def loss_fn(params, frozen, tokens):
+        model = merged_model(graphdef, params, frozen, t, replicated)
+        tokens = shd.constrain(tokens, mesh, "batch", "length")
+        return cross_entropy(model_logits(model, tokens[:, :-1], mesh, t.remat), tokens[:, 1:])
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(state, frozen, batch):
+        params = state["params"]
+        if t.grad_accum == 1:
+            loss, grads = grad_fn(params, frozen, batch[0])
+        else:
+            def micro_step(carry, tokens):
+                loss, grads = grad_fn(params, frozen, tokens)
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros((), F32), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(micro_step, zeros, batch)
+            loss, grads = jax.tree.map(lambda x: x / t.grad_accum, (loss, grads))
+        updates, opt = tx.update(grads, state["opt"], params)
+        new = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt": opt}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+        return new, metrics
+
+    train = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
+                    donate_argnums=(0,))
+    evaluate = jax.jit(loss_fn, in_shardings=(train_sh, frozen_sh, eval_sh), out_shardings=replicated)
+    return train, evaluate
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -211,6 +273,7 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None and "step" in record:
@@ -476,55 +539,23 @@ class Trainer:
 
     def effective_params(self, params: dict, frozen: dict) -> dict:
         """All model params, with the LoRA targets as W + scale A B."""
-        t = self.cfg.train
-        flat = {**frozen, **{n: v for n, v in params.items() if not lora_lib.is_lora(n)}}
-        factors = {n: v for n, v in params.items() if lora_lib.is_lora(n)}
-        return lora_lib.merge(flat, factors, t.lora_alpha, t.lora_rank) if factors else flat
+        return effective_params(params, frozen, self.cfg.train)
 
     def _model(self, params, frozen) -> LlamaModel:
-        flat = self.effective_params(params, frozen)
-        if "embed.embedding" in flat:  # FSDP: gather the table before the lookup (a gather from a
-            # column-sharded table would otherwise be resharded to the batch layout the slow way)
-            flat["embed.embedding"] = jax.lax.with_sharding_constraint(flat["embed.embedding"], self.repl)
-        return nnx.merge(self.graphdef, unflatten(flat))
+        return merged_model(self.graphdef, params, frozen, self.cfg.train, self.repl)
 
     def _build_steps(self):
+        """The jitted train and eval steps; reused by later Trainers of the same model, step
+        config and mesh in this process (a resumed run does not compile again)."""
         t = self.cfg.train
-        mesh, remat = self.mesh, t.remat
-
-        def loss_fn(params, frozen, tokens):
-            model = self._model(params, frozen)
-            tokens = shd.constrain(tokens, mesh, "batch", "length")
-            return cross_entropy(model_logits(model, tokens[:, :-1], mesh, remat), tokens[:, 1:])
-
-        grad_fn = jax.value_and_grad(loss_fn)
-
-        def train_step(state, frozen, batch):
-            params = state["params"]
-            if t.grad_accum == 1:
-                loss, grads = grad_fn(params, frozen, batch[0])
-            else:
-                def micro_step(carry, tokens):
-                    loss, grads = grad_fn(params, frozen, tokens)
-                    return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-                zeros = (jnp.zeros((), F32), jax.tree.map(jnp.zeros_like, params))
-                (loss, grads), _ = jax.lax.scan(micro_step, zeros, batch)
-                loss, grads = jax.tree.map(lambda x: x / t.grad_accum, (loss, grads))
-            updates, opt = self.tx.update(grads, state["opt"], params)
-            new = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt": opt}
-            metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state["step"])}
-            return new, metrics
-
-        self.train_step = jax.jit(
-            train_step,
-            in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
-            out_shardings=(self.state_sh, self.repl),
-            donate_argnums=(0,),
-        )
-        self.eval_step = jax.jit(
-            loss_fn, in_shardings=(self.train_sh, self.frozen_sh, self.eval_sh), out_shardings=self.repl
-        )
+        key = (self.cfg.model, tuple(getattr(t, f) for f in STEP_FIELDS), tuple(self.mesh.shape.items()),
+               tuple(d.id for d in self.mesh.devices.flat))
+        if key not in _STEPS:
+            if len(_STEPS) >= 4:
+                _STEPS.pop(next(iter(_STEPS)))
+            _STEPS[key] = build_steps(self.graphdef, self.tx, self.schedule, t, self.mesh, self.state_sh,
+                                      self.train_sh, self.frozen_sh, self.batch_sh, self.eval_sh)
+        self.train_step, self.eval_step = _STEPS[key]
 
     # ------------------------------------------------------------------ batches
 
@@ -761,7 +792,9 @@ class Trainer:
                             _log(message)
                     if (t.save_every and done % t.save_every == 0) or last:
                         self.save(done, force=True)
-                    if stop.requested or done == stop_at:
+                    if stop.requested or (done == stop_at and stop_at < t.steps):
+                        if hasattr(bar, "update"):
+                            bar.update(1)  # the bar counts an iteration when the next one starts
                         break
                 flush()
             finally:

@@ -29,7 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~30-45 s: two JAX processes start, compile and talk over gloo
 def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
     out = tmp_path / "two"
     port = _free_port()
