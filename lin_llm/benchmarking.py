@@ -55,22 +55,34 @@ def _prefill_chunk(graphdef, params, ids, state):
     return nnx.merge(graphdef, params).prefill(ids, state)[1]
 
 
-def latency_at_context(model, context: int, n_steps: int = 128, chunk: int = 512, seed: int = 0) -> float:
-    """Seconds per decoded token once `context` tokens are in the state (B = 1).
-
-    The context is prefilled in chunks (a softmax model's [T, T] scores would not fit at once).
-    """
+def _context_state(model, context: int, n_steps: int, chunk: int, seed: int):
     needed = context + n_steps
     if needed > model.cfg.max_seq_len:
         raise ValueError(f"context {context} + {n_steps} steps exceeds max_seq_len={model.cfg.max_seq_len}")
     graphdef, params = nnx.split(model)
     ids = jax.random.randint(jax.random.key(seed), (1, context), 0, model.cfg.vocab_size)
     state = model.init_state(1, needed)
-    for start in range(0, context, chunk):
+    for start in range(0, context, chunk):  # a softmax model's [T, T] scores would not fit at once
         state = _prefill_chunk(graphdef, params, ids[:, start : start + chunk], state)
-    token = ids[:, -1]
-    seconds, _ = timed(lambda: _greedy_steps(graphdef, params, state, token, n_steps), repeats=5)
-    return seconds / n_steps
+    return lambda: _greedy_steps(graphdef, params, state, ids[:, -1], n_steps)
+
+
+def latency_at_contexts(model, contexts, n_steps: int = 128, rounds: int = 5, chunk: int = 512, seed: int = 0) -> dict:
+    """Seconds per decoded token (B = 1) once each context length is in the state: {context: s}.
+
+    Every context is prefilled first, then timed in interleaved rounds (median), so that warm-up,
+    allocator and frequency effects fall on all lengths alike.
+    """
+    runs = {c: _context_state(model, c, n_steps, chunk, seed) for c in contexts}
+    for run in runs.values():
+        jax.block_until_ready(run())  # compile + warm up
+    samples = {c: [] for c in contexts}
+    for _ in range(rounds):
+        for c, run in runs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            samples[c].append(time.perf_counter() - start)
+    return {c: float(np.median(samples[c])) / n_steps for c in contexts}
 
 
 def compare_decoding(target, prompt, max_new_tokens, *, draft=None, medusa_topk=None, gamma=4, repeats=3) -> dict:
