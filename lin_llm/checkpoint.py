@@ -42,18 +42,20 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------- flat params
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"layers": {0: {"attn": ...}}} -> {"layers.0.attn...": leaf}."""
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten(value, name + "."))
         else:
             flat[name] = value
     return flat
 
 
-def _unflatten(flat: dict[str, object]) -> dict:
+def unflatten(flat: dict[str, object]) -> dict:
+    """The inverse of flatten (digit parts become the int keys of nnx.List)."""
     tree: dict = {}
     for name, value in flat.items():
         node = tree
@@ -66,7 +68,7 @@ def _unflatten(flat: dict[str, object]) -> dict:
 
 def flat_params(model: LlamaModel) -> dict[str, jax.Array]:
     """The model's parameters as {"layers.0.attn.wq.kernel": array, ...}."""
-    return _flatten(nnx.state(model, nnx.Param).to_pure_dict())
+    return flatten(nnx.state(model, nnx.Param).to_pure_dict())
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
@@ -100,7 +102,7 @@ def model_from_flat_params(cfg: ModelConfig, flat: dict[str, object]) -> LlamaMo
     dtypes = {name: spec.dtype for name, spec in param_shapes(cfg).items()}
     model = abstract_model(cfg)
     state = nnx.state(model, nnx.Param)
-    state.replace_by_pure_dict(_unflatten({name: jnp.asarray(value, dtypes[name]) for name, value in flat.items()}))
+    state.replace_by_pure_dict(unflatten({name: jnp.asarray(value, dtypes[name]) for name, value in flat.items()}))
     nnx.update(model, state)
     return model
 

@@ -45,6 +45,7 @@ from jax.sharding import NamedSharding
 from lin_llm import data as data_lib
 from lin_llm import lora as lora_lib
 from lin_llm import sharding as shd
+from lin_llm.checkpoint import flat_params, unflatten
 from lin_llm.config import Config, ModelConfig, config_to_dict
 from lin_llm.model import LlamaModel, abstract_model, build_model
 
@@ -62,32 +63,6 @@ class TrainError(ValueError):
 
 
 # --------------------------------------------------------------------------- model functions
-
-
-def unflatten(flat: dict) -> dict:
-    """{"layers.0.attn.wq.kernel": x} -> {"layers": {0: {"attn": {"wq": {"kernel": x}}}}}."""
-    tree: dict = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = [int(p) if p.isdigit() else p for p in name.split(".")]
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def model_flat_params(model: LlamaModel) -> dict:
-    return flatten(nnx.state(model, nnx.Param).to_pure_dict())
 
 
 def hidden_states(model: LlamaModel, ids, mesh=None, remat: bool = False):
@@ -127,7 +102,7 @@ def model_logits(model: LlamaModel, ids, mesh=None, remat: bool = False):
 def new_attention_params(cfg: ModelConfig) -> list[str]:
     """Names of the params that linear attention adds to the softmax model of the same shape."""
     softmax = dataclasses.replace(cfg, attention="softmax")
-    return sorted(set(model_flat_params(abstract_model(cfg))) - set(model_flat_params(abstract_model(softmax))))
+    return sorted(set(flat_params(abstract_model(cfg))) - set(flat_params(abstract_model(softmax))))
 
 
 def cross_entropy(logits, targets):
@@ -371,8 +346,8 @@ class Trainer:
         self.resuming = latest is not None
 
         # params: names, shapes and the split into what trains and what does not
-        shapes = {n: s.shape for n, s in model_flat_params(abstract_model(cfg.model)).items()}
-        dtypes = {n: s.dtype for n, s in model_flat_params(abstract_model(cfg.model)).items()}
+        shapes = {n: s.shape for n, s in flat_params(abstract_model(cfg.model)).items()}
+        dtypes = {n: s.dtype for n, s in flat_params(abstract_model(cfg.model)).items()}
         self.lora_names = lora_lib.targets(shapes, t.lora_targets, t.lora_rank)
         self.trainable_names = [n for n in sorted(shapes) if re.search(t.trainable, n) and n not in self.lora_names]
         self.frozen_names = [n for n in sorted(shapes) if n not in self.trainable_names]
@@ -465,7 +440,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if not t.init_from:
             model_sh = {n: self.param_sh[n] for n in self.frozen_names + self.trainable_names}
-            init = jax.jit(lambda: model_flat_params(build_model(cfg.model, seed=t.seed)), out_shardings=model_sh)
+            init = jax.jit(lambda: flat_params(build_model(cfg.model, seed=t.seed)), out_shardings=model_sh)
             return init()
         from lin_llm import checkpoint as ckpt
 
@@ -477,10 +452,10 @@ class Trainer:
             loaded = ckpt.load_checkpoint(path)  # a Hugging Face directory, converted on the host
             self._check_init_config(loaded.cfg)
             # a softmax checkpoint gains the linear-attention params at their initial values
-            model = ckpt.model_from_flat_params(cfg.model, model_flat_params(loaded))
+            model = ckpt.model_from_flat_params(cfg.model, flat_params(loaded))
         except ckpt.CheckpointError as err:
             raise TrainError(f"train.init_from={t.init_from!r}: {err}") from None
-        return {n: self._place(np.asarray(v), self.param_sh[n]) for n, v in model_flat_params(model).items()}
+        return {n: self._place(np.asarray(v), self.param_sh[n]) for n, v in flat_params(model).items()}
 
     def _check_init_config(self, stored_cfg: ModelConfig) -> None:
         t = self.cfg.train
@@ -589,7 +564,7 @@ class Trainer:
             )
         teacher_cfg = dataclasses.replace(cfg.model, attention="softmax")
         teacher_def = nnx.split(abstract_model(teacher_cfg))[0]
-        teacher_names = set(model_flat_params(abstract_model(teacher_cfg)))
+        teacher_names = set(flat_params(abstract_model(teacher_cfg)))
         student_def, mesh = self.graphdef, self.mesh
         d_sh = {n: self.param_sh[n] for n in names}
         o_sh = {n: self.param_sh[n] for n in flat if n not in d_sh}
@@ -699,7 +674,7 @@ class Trainer:
         """
         from lin_llm.checkpoint import CONFIG_FILE, PARAMS_DIR, TOKENIZER_FILES, atomic_directory
 
-        flat = model_flat_params(self.final_model())
+        flat = flat_params(self.final_model())
         if jax.process_count() == 1:
             host = {n: np.asarray(jax.device_get(v)) for n, v in flat.items()}
         else:

@@ -12,7 +12,8 @@ import pytest
 
 from lin_llm import load_config
 from lin_llm.checkpoint import load_checkpoint
-from lin_llm.training import Trainer, model_flat_params
+from lin_llm.checkpoint import flat_params
+from lin_llm.training import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = [
@@ -67,7 +68,7 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
     for step, loss in one.val.items():
         assert abs(loss - two_val[step]) < 1e-5
     # both wrote one checkpoint directory and one exported model; it loads and equals the 1-process one
-    a = model_flat_params(load_checkpoint(out / "model"))
-    b = model_flat_params(load_checkpoint(tmp_path / "one" / "model"))
+    a = flat_params(load_checkpoint(out / "model"))
+    b = flat_params(load_checkpoint(tmp_path / "one" / "model"))
     for name in a:
         assert abs(a[name] - b[name]).max() < 1e-5, name

@@ -19,9 +19,9 @@ from jax.sharding import PartitionSpec as P
 
 import train as train_cli
 from lin_llm import build_model, load_config
-from lin_llm.checkpoint import load_checkpoint, save_model
+from lin_llm.checkpoint import flat_params, load_checkpoint, save_model
 from lin_llm.sharding import MeshError
-from lin_llm.training import Trainer, model_flat_params, model_logits
+from lin_llm.training import Trainer, model_logits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,8 +126,8 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
         assert rest.losses[step] == whole.losses[step], step
     assert rest.val[6] == whole.val[6]
     # the exported models are the same
-    a = model_flat_params(load_checkpoint(tmp_path / "whole" / "model"))
-    b = model_flat_params(load_checkpoint(tmp_path / "split" / "model"))
+    a = flat_params(load_checkpoint(tmp_path / "whole" / "model"))
+    b = flat_params(load_checkpoint(tmp_path / "split" / "model"))
     for name in a:
         np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]))
 
@@ -153,12 +153,12 @@ def test_lora_and_trainable_regex_freeze_the_rest(tmp_path):
                    "train.learning_rate=1e-2", *ONE_DEVICE)
     trainer = Trainer(cfg, progress=False, devices=jax.devices()[:1])
     try:
-        before = {n: np.asarray(v) for n, v in model_flat_params(trainer.final_model()).items()}
+        before = {n: np.asarray(v) for n, v in flat_params(trainer.final_model()).items()}
         assert sorted(n for n in trainer.state["params"] if ":lora" not in n) == sorted(
             n for n in before if n.endswith("norm.scale"))
         assert len([n for n in trainer.state["params"] if ":lora" in n]) == 2 * 4 * 2  # q,k,v,o x 2 layers x (A, B)
         trainer.run()
-        after = {n: np.asarray(v) for n, v in model_flat_params(load_checkpoint(tmp_path / "model")).items()}
+        after = {n: np.asarray(v) for n, v in flat_params(load_checkpoint(tmp_path / "model")).items()}
     finally:
         trainer.close()
     for name in before:
@@ -177,8 +177,8 @@ def test_distillation_fits_linear_attention_to_softmax(tmp_path):
         losses = trainer.distill_losses
         assert len(losses) == 60 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
         # only the new params moved; the softmax weights are exactly the checkpoint's
-        params = model_flat_params(trainer.final_model())
-        ref = model_flat_params(softmax)
+        params = flat_params(trainer.final_model())
+        ref = flat_params(softmax)
         for name, value in ref.items():
             np.testing.assert_array_equal(np.asarray(params[name]), np.asarray(value))
         assert not np.allclose(np.asarray(params["layers.0.attn.hedgehog_q"]), np.eye(16))
