@@ -65,8 +65,17 @@ def _forward_and_grads(lm, form, params, q, k, v, cotangent):
     return out, jax.grad(loss, argnums=(0, 1, 2, 3))(params, q, k, v)
 
 
-@pytest.mark.parametrize("t", [32, 29, 5, 1], ids=["multiple", "not_multiple", "shorter", "one"])
-@pytest.mark.parametrize("name", LINEAR)
+def _grid():
+    """Every preset at every length; a +conv preset adds the same conv to both forms, so beyond
+    one length its cases run with the slow tests (CI runs them when time allows)."""
+    lengths = [(32, "multiple"), (29, "not_multiple"), (5, "shorter"), (1, "one")]
+    for name in LINEAR:
+        for t, label in lengths:
+            slow = name.endswith("+conv") and label != "not_multiple"
+            yield pytest.param(name, t, id=f"{name}-{label}", marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("name, t", list(_grid()))
 def test_chunked_equals_reference_with_gradients(name, t):
     lm, params = _layer_case(name)
     q, k, v = _qkv(t)

@@ -103,7 +103,8 @@ def _exact_joint(model, prompt, n_tokens, temperature, top_k):
 
 
 @pytest.mark.parametrize(
-    "gamma, temperature, top_k", [(1, 1.0, None), (2, 1.0, None), (2, 1.0, 3), (3, 0.7, 4)]
+    "gamma, temperature, top_k",
+    [(1, 1.0, None), pytest.param(2, 1.0, None, marks=pytest.mark.slow), (2, 1.0, 3), pytest.param(3, 0.7, 4, marks=pytest.mark.slow)],
 )
 def test_speculative_sampling_matches_the_target_distribution(gamma, temperature, top_k):
     target = _model("aug", 4, vocab=VOCAB)
