@@ -99,6 +99,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     remat: bool = False  # recompute each block's activations in the backward pass
+    objective: str = "lm"  # lm | medusa (the Medusa heads' loss; train.trainable=medusa) | lm+medusa
     seed: int = 0  # parameter init and data order
     # data
     data: str = "data/kjv.txt.xz"  # local text/JSONL/parquet file(s): comma-separated, globs ok
@@ -348,6 +349,11 @@ def validate(cfg: Config) -> None:
     _choice(t.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    _choice(t.objective, ("lm", "medusa", "lm+medusa"), "train.objective")
+    _require(
+        "medusa" not in t.objective or cfg.model.medusa_heads > 0,
+        f"train.objective={t.objective!r} trains Medusa heads; set model.medusa_heads > 0 (e.g. 4)",
+    )
     for name in ("beta1", "beta2"):
         _require(0.0 <= getattr(t, name) < 1.0, f"train.{name}={getattr(t, name)} must be in [0, 1)")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 turns clipping off)")

@@ -162,9 +162,9 @@ def opt_state_shardings(abstract_opt, param_sh: dict, param_shapes: dict, mesh) 
 # --------------------------------------------------------------------------- the steps
 
 # Train fields the compiled step depends on (with the model config and the mesh).
-STEP_FIELDS = ("steps", "batch_size", "seq_len", "grad_accum", "learning_rate", "lr_schedule", "warmup_steps",
-               "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "remat", "trainable", "lora_rank",
-               "lora_alpha", "lora_targets")
+STEP_FIELDS = ("steps", "objective", "batch_size", "seq_len", "grad_accum", "learning_rate", "lr_schedule",
+               "warmup_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "remat", "trainable",
+               "lora_rank", "lora_alpha", "lora_targets")
 _STEPS: dict = {}
 
 
@@ -194,7 +194,14 @@ def build_steps(graphdef, tx, schedule, t, mesh, state_sh, train_sh, frozen_sh, 
     def loss_fn(params, frozen, tokens):
         model = merged_model(graphdef, params, frozen, t, replicated)
         tokens = shd.constrain(tokens, mesh, "batch", "length")
-        return cross_entropy(model_logits(model, tokens[:, :-1], mesh, t.remat), tokens[:, 1:])
+        loss = 0.0
+        if t.objective in ("lm", "lm+medusa"):
+            loss = cross_entropy(model_logits(model, tokens[:, :-1], mesh, t.remat), tokens[:, 1:])
+        if t.objective in ("medusa", "lm+medusa"):
+            from lin_llm.medusa import medusa_loss  # head i at t predicts t + i + 2
+
+            loss = loss + medusa_loss(model, tokens[:, :-1])
+        return loss
 
     grad_fn = jax.value_and_grad(loss_fn)
 

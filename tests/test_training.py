@@ -186,6 +186,22 @@ def test_distillation_fits_linear_attention_to_softmax(tmp_path):
         trainer.close()
 
 
+def test_medusa_objective_trains_only_the_heads(tmp_path):
+    cfg = tiny_cfg(tmp_path, "model.medusa_heads=2", "train.objective=medusa", "train.trainable=^medusa\\.",
+                   "train.steps=3", "train.learning_rate=1e-2", *ONE_DEVICE)
+    trainer = Trainer(cfg, progress=False, devices=jax.devices()[:1])
+    try:
+        assert trainer.trainable_names == ["medusa.0.bias", "medusa.0.kernel", "medusa.1.bias", "medusa.1.kernel"]
+        before = {n: np.asarray(v) for n, v in flat_params(trainer.final_model()).items()}
+        result = trainer.run()
+        after = {n: np.asarray(v) for n, v in flat_params(trainer.final_model()).items()}
+    finally:
+        trainer.close()
+    assert result.losses[3] < result.losses[1]
+    for name in before:
+        assert (not np.array_equal(before[name], after[name])) == name.startswith("medusa."), name
+
+
 # --------------------------------------------------------------------------- interruptions
 
 
