@@ -238,6 +238,14 @@ def test_verify_equals_steps_and_commit_equals_steps(name):
     for row, n in enumerate((2, 5)):
         assert_states_close(committed, step_states[n - 1], row)
 
+    # m <= G takes commit's single-fold path: exactly full (2 + 2 = G), across the boundary, short of it
+    short = cand[:, :4]
+    _, pending = _verify(model, short, state0, jnp.tril(jnp.ones((4, 4), bool)), jnp.arange(4))
+    for accepted in ((2, 2), (3, 1), (4, 0)):
+        committed = _commit(model, state0, pending, path[:, :4], jnp.array(accepted, jnp.int32))
+        for row, n in enumerate(accepted):
+            assert_states_close(committed, step_states[n - 1] if n else state0, row)
+
     # tree: every node's logits are those of stepping along its own root-to-node path
     anc, depth = _tree()
     tree_logits, pending = _verify(model, cand, state0, anc, depth)

@@ -206,8 +206,30 @@ def extend(spec: LinearSpec, qf, kf, v, state: LinearState, pos, lam=1.0, alpha=
 
 
 def commit(spec: LinearSpec, state: LinearState, kf, v, pos, n_accepted):
-    """The state after the first n_accepted tokens of kf/v [B, m, H, *] (per row), as n steps would."""
-    return _continue(spec, state, kf, v, pos, n_accepted)[4]
+    """The state after the first n_accepted tokens of kf/v [B, m, H, *] (per row), as n steps would.
+
+    With m <= G (every speculative use) at most one group completes, so this folds at most one
+    buffer into S: O(G) work per row instead of rebuilding the chunks as extend does.
+    """
+    g, m = spec.group_size, kf.shape[1]
+    if m > g:
+        return _continue(spec, state, kf, v, pos, n_accepted)[4]
+    slot = pos % g
+    filled = slot + n_accepted  # buffer slots in use after the commit, <= 2G - 1
+    live = (jnp.arange(g + m)[None, :] < filled[:, None])[:, :, None, None]
+    behind = jax.vmap(_behind_group, in_axes=(0, 0, 0, None))
+    k_seq = jnp.where(live, behind(state.k_group, kf, slot, g + m), 0.0)  # [B, G + m, H, F]
+    v_seq = jnp.where(live, behind(state.v_group, v, slot, g + m), 0.0)
+    completed = filled >= g
+    fold = completed[:, None, None, None]
+    s = state.s + jnp.where(fold, jnp.einsum("bghf,bghd->bhfd", k_seq[:, :g], v_seq[:, :g]), 0.0)
+    z = state.z + jnp.where(fold[..., 0], jnp.sum(k_seq[:, :g], axis=1), 0.0) if spec.normalize else state.z
+
+    def next_buffer(seq):  # the completed group's overflow starts the next buffer
+        overflow = jnp.pad(seq[:, g:], ((0, 0), (0, g - m), (0, 0), (0, 0)))
+        return jnp.where(fold, overflow, seq[:, :g])
+
+    return LinearState(s=s, z=z, k_group=next_buffer(k_seq), v_group=next_buffer(v_seq))
 
 
 # --------------------------------------------------------------------------- step
