@@ -24,8 +24,10 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -232,25 +234,26 @@ def build_steps(graphdef, tx, schedule, t, mesh, state_sh, train_sh, frozen_sh, 
 
 
 class MetricsWriter:
-    """JSON lines in output_dir/metrics.jsonl (and TensorBoard when it is installed)."""
+    """JSON lines in output_dir/metrics.jsonl (and TensorBoard when tensorboardX or
+    tensorboard is installed; neither is a dependency).
 
-    def __init__(self, output_dir: Path, enabled: bool):
+    ``start_step`` is the step training starts from (the restored one on --resume): records of
+    later steps, left by a run that went on past its last checkpoint and crashed, are dropped
+    first, so replayed steps are not logged twice (nor a half-written last line kept).
+    """
+
+    FILE = "metrics.jsonl"
+
+    def __init__(self, output_dir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
-        self.file = open(output_dir / "metrics.jsonl", "a")
-        try:  # optional
-            from tensorboardX import SummaryWriter  # type: ignore
-
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
-        except ImportError:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # type: ignore
-
-                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
-            except Exception:
-                self.tb = None
+        path = output_dir / self.FILE
+        if path.exists():
+            truncate_metrics(path, start_step)
+        self.file = open(path, "a")
+        self.tb = _tensorboard_writer(output_dir / "tensorboard")
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -268,6 +271,41 @@ class MetricsWriter:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def _tensorboard_writer(log_dir: Path):
+    """A SummaryWriter from tensorboardX, else torch's (only when the tensorboard package is
+    there: importing torch just to find it missing costs seconds), else None."""
+    try:
+        from tensorboardX import SummaryWriter  # type: ignore
+    except ImportError:
+        if importlib.util.find_spec("tensorboard") is None or importlib.util.find_spec("torch") is None:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # type: ignore
+        except Exception:  # a broken torch / tensorboard install must not stop training
+            return None
+    return SummaryWriter(str(log_dir))
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the records of ``path`` up to ``last_step`` (dropping unparseable lines), rewritten
+    atomically: a crash here leaves the old file or the new one, never a mix."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # the last line of a run killed mid-write
+            continue
+        step = record.get("step", record.get("summary", {}).get("steps", 0)) if isinstance(record, dict) else None
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- results
@@ -718,7 +756,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(
                 __import__("yaml").safe_dump(config_to_dict(cfg), sort_keys=False))
-        writer = MetricsWriter(self.output_dir, _is_main())
+        writer = MetricsWriter(self.output_dir, _is_main(), start)
         n_params = sum(math.prod(s) for s in self.shapes.values())
         n_train = sum(math.prod(self.shapes[n]) for n in self.train_sh)
         _log(

@@ -1,8 +1,10 @@
 """Sharded training: 8 fake devices == 1 device, resume == uninterrupted, learning on the corpus,
 LoRA / trainable regex / distillation / remat, Ctrl-C and crash-safe checkpoints, bad inputs."""
 
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +20,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import train as train_cli
-from lin_llm import build_model, load_config
+from lin_llm import build_model, load_config, training
 from lin_llm.checkpoint import flat_params, load_checkpoint, save_model
 from lin_llm.sharding import MeshError
-from lin_llm.training import Trainer, model_logits
+from lin_llm.training import MetricsWriter, Trainer, model_logits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,6 +145,84 @@ def test_loss_decreases_on_the_embedded_corpus(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 51))
     assert lines[-1]["summary"]["steps"] == 50
+
+
+# --------------------------------------------------------------------------- checkpoints and metrics
+
+# One compiled step shared by the tests below (the step cache keys on these fields).
+CKPT = ["train.steps=4", "train.save_every=1", "train.keep_checkpoints=2", *ONE_DEVICE]
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_a_crash_logs_each_step_once(tmp_path):
+    first, _ = run(tiny_cfg(tmp_path, *CKPT), devices=jax.devices()[:1], until=3)
+    # as if the process died after logging step 3, before step 3's checkpoint was complete,
+    # half-way through writing the next line
+    shutil.rmtree(tmp_path / "checkpoints" / "3")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    rest, _ = run(tiny_cfg(tmp_path, *CKPT), devices=jax.devices()[:1], resume=True)
+    assert rest.start_step == 2 and sorted(rest.losses) == [3, 4]
+    assert rest.losses[3] == first.losses[3]  # the replayed step
+    records = _records(tmp_path)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "val_loss" in r] == [4]
+    assert records[-1]["summary"]["steps"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["config.yaml", "metrics.jsonl"]
+
+
+def test_a_fresh_run_does_not_append_to_an_old_runs_metrics(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n"
+                                            + json.dumps({"summary": {"steps": 7}}) + "\n")
+    MetricsWriter(tmp_path, True, start_step=0).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_only_process_zero_logs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(training, "_is_main", lambda: False)  # as on process 1 of 2
+    trainer = Trainer(tiny_cfg(tmp_path, *CKPT, "train.export_model=false"), progress=True, devices=jax.devices()[:1])
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    assert sorted(result.losses) == [1, 2, 3, 4]  # it trained (every process computes) ...
+    out, err = capsys.readouterr()
+    assert "train" not in err and "summary" not in out and "mesh" not in out, (out, err)  # ... silently
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.yaml").exists()
+
+
+def test_tensorboard_is_used_when_installed_and_optional(tmp_path, monkeypatch):
+    scalars = []
+
+    class SummaryWriter:  # stands in for tensorboardX's
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setitem(sys.modules, "tensorboardX", type(sys)("tensorboardX"))
+    sys.modules["tensorboardX"].SummaryWriter = SummaryWriter
+    writer = MetricsWriter(tmp_path, True)
+    assert writer.tb.log_dir == str(tmp_path / "tensorboard")
+    writer.write({"step": 3, "loss": 2.5, "tokens_per_s": float("nan")})
+    writer.close()
+    assert scalars == [("loss", 2.5, 3), "closed"]  # NaN (no rate measured yet) is not a scalar
+    # without tensorboardX (and without tensorboard for torch's writer): JSON lines only
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)
+    (tmp_path / "plain").mkdir()
+    writer = MetricsWriter(tmp_path / "plain", True)
+    assert writer.tb is None
+    writer.write({"step": 1, "loss": 1.0})
+    writer.close()
+    assert _records(tmp_path / "plain") == [{"step": 1, "loss": 1.0}]
 
 
 # --------------------------------------------------------------------------- what trains
