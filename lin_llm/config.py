@@ -109,7 +109,7 @@ class TrainConfig:
     text_field: str = "text"
     tokenizer: str = "auto"  # auto (init_from's tokenizer.json, else bytes) | byte | DIR with tokenizer.json
     val_fraction: float = 0.05  # documents held out for validation (a fixed split, seed-independent)
-    val_batches: int = 16  # validation batches per evaluation; 0 = the whole split
+    val_batches: int = 16  # validation batches (of batch_size sequences) per evaluation; 0 = the whole split
     # what to start from and what trains
     init_from: str = ""  # lin_llm or HF checkpoint dir; model.* of this config may change attention only
     trainable: str = ".*"  # regex (re.search) over param paths like layers.0.attn.wq.kernel

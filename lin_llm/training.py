@@ -384,7 +384,8 @@ class Trainer:
 
         # data first: a missing or empty corpus stops before any model is built
         self.corpus, self.tokenizer = data_lib.load_corpus(t, cfg.model, self.output_dir / "cache")
-        self.val_data = data_lib.val_batches(self.corpus, self.micro, t.val_batches)
+        # evaluated in micro-batches, over val_batches full batches: grad_accum does not change the set
+        self.val_data = data_lib.val_batches(self.corpus, self.micro, t.val_batches * t.grad_accum)
 
         self.mngr = None
         latest = self._existing_checkpoint(resume)

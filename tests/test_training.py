@@ -3,6 +3,7 @@ LoRA / trainable regex / distillation / remat, Ctrl-C and crash-safe checkpoints
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -223,6 +224,27 @@ def test_tensorboard_is_used_when_installed_and_optional(tmp_path, monkeypatch):
     writer.write({"step": 1, "loss": 1.0})
     writer.close()
     assert _records(tmp_path / "plain") == [{"step": 1, "loss": 1.0}]
+
+
+# --------------------------------------------------------------------------- the train step
+
+
+def test_grad_accumulation_bf16_compute_and_donation(tmp_path):
+    base = ["train.steps=2", *ONE_DEVICE]
+    whole, trainer = run(tiny_cfg(tmp_path / "whole", *base), devices=jax.devices()[:1])
+    accum, _ = run(tiny_cfg(tmp_path / "accum", *base, "train.grad_accum=2"), devices=jax.devices()[:1])
+    for step in (1, 2):  # two micro-batches of 4 = one batch of 8 (step 2's loss shows step 1's update)
+        assert abs(whole.losses[step] - accum.losses[step]) < 1e-5, (step, whole.losses[step], accum.losses[step])
+    assert abs(whole.final_val_loss - accum.final_val_loss) < 1e-5  # the same validation set, too
+    # the step donates the old state: its buffers are reused, not copied
+    old = trainer.state["params"]["layers.0.attn.wq.kernel"]
+    trainer.state, _ = trainer.train_step(trainer.state, trainer.frozen, trainer.train_batch(2))
+    assert old.is_deleted()
+    # bf16 compute over fp32 master weights
+    bf16, trainer = run(tiny_cfg(tmp_path / "bf16", *base, "model.compute_dtype=bfloat16"), devices=jax.devices()[:1])
+    assert {v.dtype for v in trainer.state["params"].values()} == {jnp.dtype(jnp.float32)}
+    assert bf16.losses[1] != whole.losses[1] and abs(bf16.losses[1] - whole.losses[1]) < 0.05
+    assert abs(bf16.final_val_loss - whole.final_val_loss) < 0.05
 
 
 # --------------------------------------------------------------------------- what trains
