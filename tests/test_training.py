@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import train as train_cli
 from lin_llm import build_model, load_config, training
 from lin_llm.checkpoint import flat_params, load_checkpoint, save_model
 from lin_llm.sharding import MeshError
-from lin_llm.training import MetricsWriter, Trainer, model_logits
+from lin_llm.training import MetricsWriter, Trainer, lr_schedule, make_optimizer, model_logits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,6 +159,31 @@ def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_checkpoints_are_async_keep_the_last_k_and_hold_the_whole_run(tmp_path, monkeypatch):
+    # orbax finalises a save in _wait_for_checkpointers: on its own thread when the save is
+    # async, inline (on the training thread) when it is not (orbax is pinned)
+    on_main_thread = []
+    original = ocp.CheckpointManager._wait_for_checkpointers
+
+    def spy(self):
+        on_main_thread.append(threading.current_thread() is threading.main_thread())
+        return original(self)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "_wait_for_checkpointers", spy)
+    result, _ = run(tiny_cfg(tmp_path, *CKPT), devices=jax.devices()[:1], until=3)
+    assert result.end_step == 3
+    assert on_main_thread == [False, False, False]  # steps 1, 2, 3, each finished in the background
+    manager = ocp.CheckpointManager((tmp_path / "checkpoints").absolute(), item_names=("state", "meta"))
+    assert manager.all_steps() == [2, 3]  # keep-last-K with K = 2
+    meta = manager.restore(3, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    assert meta["step"] == 3
+    assert meta["data"]["sequences_consumed"] == 3 * 8 and meta["data"]["fingerprint"]
+    assert meta["config"]["model"]["dim"] == 64 and meta["config"]["train"]["keep_checkpoints"] == 2
+    state = ocp.StandardCheckpointer().metadata(tmp_path.absolute() / "checkpoints" / "3" / "state").item_metadata
+    assert sorted(state) == ["frozen", "opt", "params", "step"]
+    assert "layers.0.attn.wq.kernel" in state["params"]
+
+
 def test_resume_after_a_crash_logs_each_step_once(tmp_path):
     first, _ = run(tiny_cfg(tmp_path, *CKPT), devices=jax.devices()[:1], until=3)
     # as if the process died after logging step 3, before step 3's checkpoint was complete,
@@ -226,7 +252,40 @@ def test_tensorboard_is_used_when_installed_and_optional(tmp_path, monkeypatch):
     assert _records(tmp_path / "plain") == [{"step": 1, "loss": 1.0}]
 
 
-# --------------------------------------------------------------------------- the train step
+# --------------------------------------------------------------------------- optimizer
+
+
+def test_lr_schedule_warm_up_then_cosine_or_constant():
+    t = load_config(None, ["train.steps=100", "train.warmup_steps=10", "train.learning_rate=1e-2",
+                           "train.min_lr_ratio=0.1"]).train
+    lr = np.asarray([float(lr_schedule(t)(s)) for s in range(101)])
+    np.testing.assert_allclose(lr[:10], 1e-2 * np.arange(1, 11) / 10, rtol=1e-6)  # linear warm-up
+    np.testing.assert_allclose(lr[40], 1e-3 + 9e-3 * 0.5 * (1 + math.cos(math.pi * 30 / 90)), rtol=1e-6)  # cosine
+    np.testing.assert_allclose(lr[100], 1e-3, rtol=1e-6)  # cosine down to learning_rate * min_lr_ratio
+    assert np.all(np.diff(lr[10:]) <= 0)
+    constant = load_config(None, ["train.steps=100", "train.warmup_steps=10", "train.learning_rate=1e-2",
+                                  "train.lr_schedule=constant"]).train
+    np.testing.assert_allclose([float(lr_schedule(constant)(s)) for s in (9, 50, 100)], 1e-2, rtol=1e-6)
+
+
+def test_gradients_are_clipped_and_only_matrices_decay():
+    t = load_config(None, ["train.grad_clip=1.0", "train.weight_decay=0.5", "train.learning_rate=0.1",
+                           "train.warmup_steps=0", "train.lr_schedule=constant"]).train
+    params = {"a.kernel": jnp.ones((2, 2)), "a.norm.scale": jnp.ones((2,))}
+    tx = make_optimizer(t, lr_schedule(t), params)
+    state = tx.init(params)
+    big = {"a.kernel": jnp.full((2, 2), 30.0), "a.norm.scale": jnp.full((2,), 30.0)}  # global norm 30 sqrt(6)
+    _, clipped = tx.update(big, state, params)
+    norm = math.sqrt(6) * 30.0
+    np.testing.assert_allclose(clipped[1][0].mu["a.kernel"], (1 - t.beta1) * 30.0 / norm, rtol=1e-5)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, state, params)  # no gradient: what moves is weight decay alone
+    np.testing.assert_allclose(updates["a.kernel"], -0.1 * 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(updates["a.norm.scale"], 0.0)
+    unclipped = load_config(None, ["train.grad_clip=0", "train.warmup_steps=0"]).train
+    tx = make_optimizer(unclipped, lr_schedule(unclipped), params)
+    _, state = tx.update(big, tx.init(params), params)
+    np.testing.assert_allclose(state[0][0].mu["a.kernel"], (1 - t.beta1) * 30.0, rtol=1e-5)
 
 
 def test_grad_accumulation_bf16_compute_and_donation(tmp_path):
