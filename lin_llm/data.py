@@ -130,6 +130,14 @@ def load_tokenizer(t: TrainConfig, model: ModelConfig):
         path = Path(directory) / "tokenizer.json" if directory else None
         if path is not None and path.is_file():
             tok = HFTokenizer(path, model.bos_id, model.eos_id)
+        elif path is not None and (path.parent / "tokenizer.model").is_file():
+            # a SentencePiece-only LLaMA directory: falling back to bytes would silently mis-tokenise
+            raise DataError(
+                f"{directory} has a SentencePiece tokenizer.model but no tokenizer.json, which is what training "
+                f"reads; write one next to it with transformers (AutoTokenizer.from_pretrained({str(directory)!r})"
+                f".save_pretrained({str(directory)!r}), needs the sentencepiece package), or set train.tokenizer "
+                "to a directory with a tokenizer.json"
+            )
         elif t.tokenizer == "auto":
             tok = ByteTokenizer()
         else:

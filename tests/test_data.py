@@ -104,6 +104,13 @@ def test_a_checkpoints_hf_tokenizer(tmp_path):
                                                                         "model.eos_id=2").model)
     with pytest.raises(D.DataError, match="no tokenizer.json there"):
         D.load_tokenizer(_train_cfg(f"train.tokenizer={tmp_path / 'nope'}").train, cfg.model)
+    # a SentencePiece-only directory is refused, not silently read as bytes
+    spm = tmp_path / "spm"
+    spm.mkdir()
+    (spm / "tokenizer.model").write_bytes(b"\x0a\x00")
+    for option in ("train.tokenizer=auto", f"train.tokenizer={spm}"):
+        with pytest.raises(D.DataError, match=r"SentencePiece tokenizer.model but no tokenizer.json.*save_pretrained"):
+            D.load_tokenizer(_train_cfg(f"train.init_from={spm}", option).train, cfg.model)
 
 
 def test_a_hub_dataset_that_cannot_be_loaded_says_what_to_change(tmp_path):
