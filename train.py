@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     for flag, key in (("coordinator", "coordinator"), ("num_processes", "num_processes"), ("process_id", "process_id")):
         if getattr(args, flag) is not None:
             overrides.append(f"mesh.{key}={getattr(args, flag)}")
+    cfg = None
     try:
         config = args.config
         if config is None:
@@ -55,8 +56,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, MeshError, TrainError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before the loop (loading, distilling): there is nothing to save yet
-        print("interrupted before training started; nothing was saved", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the loop (loading, distilling, exporting) or a second Ctrl-C in it
+        kept = f"; complete checkpoints in {Path(cfg.train.output_dir) / 'checkpoints'} are kept (--resume)" if cfg else ""
+        print(f"interrupted: nothing new was saved{kept}", file=sys.stderr)
         return 130
     return 130 if result.interrupted else 0
 

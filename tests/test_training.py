@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -397,6 +398,16 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     assert result.start_step == steps[0] and result.end_step == steps[0] + 2
 
 
+def test_an_interrupt_outside_the_loop_says_nothing_new_was_saved(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):  # e.g. a second Ctrl-C, or one while loading or exporting
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    code, err = _cli(capsys, *TINY, f"train.output_dir={tmp_path}")
+    assert code == 130 and "Traceback" not in err
+    assert f"interrupted: nothing new was saved; complete checkpoints in {tmp_path / 'checkpoints'} are kept" in err
+
+
 def test_a_crash_during_a_save_never_leaves_a_checkpoint_that_restores(tmp_path):
     """SIGKILL the trainer while orbax is writing a checkpoint: the half-written one is not listed,
     and resuming takes the last complete one."""
@@ -453,7 +464,7 @@ def _cli(capsys, *args):
 def test_bad_input_stops_before_training_with_a_message(tmp_path, capsys, extra, message):
     code, err = _cli(capsys, *TINY, f"train.output_dir={tmp_path}", *extra)
     assert code == 2
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -470,7 +481,9 @@ def test_empty_corpus(tmp_path, capsys):
 
 def test_checkpoint_from_a_different_model_config(tmp_path, capsys):
     out = tmp_path / "run"
-    assert _cli(capsys, *TINY, "train.steps=1", f"train.output_dir={out}")[0] == 0
+    assert train_cli.main(["--no-progress", *TINY, "train.steps=2", f"train.output_dir={out}"]) == 0
+    summary = capsys.readouterr().out.splitlines()[-1]  # one closing line: final val perplexity and tokens/s
+    assert re.fullmatch(r"summary: steps=2 val_loss=[\d.]+ val_ppl=[\d.]+ tokens_per_s=[\d.]+ attention=softmax", summary)
     # resuming with another model
     code, err = _cli(capsys, *TINY, "model.n_layers=3", f"train.output_dir={out}", "--resume")
     assert code == 2 and "different config: model.n_layers: checkpoint 2, config 3" in err, err
