@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from lin_llm import load_config
 from lin_llm.checkpoint import load_checkpoint
 from lin_llm.checkpoint import flat_params
+from lin_llm.sharding import maybe_initialize_distributed
 from lin_llm.training import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,8 +53,10 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert "2 processes" in outputs[0] and "summary:" in outputs[0]
-    assert "summary:" not in outputs[1]  # only process 0 reports
+    for line in ("mesh {", "val loss", "summary:"):  # only process 0 reports
+        assert line not in outputs[1], outputs[1]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # one writer: each step once
     two = {r["step"]: r["loss"] for r in records if "loss" in r}
     two_val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
 
@@ -72,3 +76,28 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
     b = flat_params(load_checkpoint(tmp_path / "one" / "model"))
     for name in a:
         assert abs(a[name] - b[name]).max() < 1e-5, name
+
+
+def test_distributed_initialize_from_flags_or_the_environment(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "LIN_LLM_DISTRIBUTED"):
+        monkeypatch.delenv(var, raising=False)
+    plain = load_config(None).mesh
+    assert not maybe_initialize_distributed(plain) and calls == []  # one host: nothing to initialise
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "2")
+    assert maybe_initialize_distributed(plain)
+    assert calls[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}
+    # mesh.* (train.py's --coordinator / --num-processes / --process-id) win over the environment
+    flags = load_config(None, ["mesh.coordinator=host0:99", "mesh.num_processes=2", "mesh.process_id=0"]).mesh
+    assert maybe_initialize_distributed(flags)
+    assert calls[-1] == {"coordinator_address": "host0:99", "num_processes": 2, "process_id": 0}
+    # a TPU pod or SLURM: jax finds everything itself
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("LIN_LLM_DISTRIBUTED", "1")
+    assert maybe_initialize_distributed(plain) and calls[-1] == {}
+    assert len(calls) == 3
