@@ -253,7 +253,7 @@ class MetricsWriter:
         if path.exists():
             truncate_metrics(path, start_step)
         self.file = open(path, "a")
-        self.tb = _tensorboard_writer(output_dir / "tensorboard")
+        self.tb = _tensorboard_writer(output_dir / "tensorboard", start_step)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -273,9 +273,10 @@ class MetricsWriter:
                 self.tb.close()
 
 
-def _tensorboard_writer(log_dir: Path):
+def _tensorboard_writer(log_dir: Path, start_step: int):
     """A SummaryWriter from tensorboardX, else torch's (only when the tensorboard package is
-    there: importing torch just to find it missing costs seconds), else None."""
+    there: importing torch just to find it missing costs seconds), else None. Like the JSON
+    lines, events after start_step (steps about to be replayed) are purged."""
     try:
         from tensorboardX import SummaryWriter  # type: ignore
     except ImportError:
@@ -285,7 +286,7 @@ def _tensorboard_writer(log_dir: Path):
             from torch.utils.tensorboard import SummaryWriter  # type: ignore
         except Exception:  # a broken torch / tensorboard install must not stop training
             return None
-    return SummaryWriter(str(log_dir))
+    return SummaryWriter(str(log_dir), purge_step=start_step + 1)
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

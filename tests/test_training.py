@@ -226,8 +226,8 @@ def test_tensorboard_is_used_when_installed_and_optional(tmp_path, monkeypatch):
     scalars = []
 
     class SummaryWriter:  # stands in for tensorboardX's
-        def __init__(self, log_dir):
-            self.log_dir = log_dir
+        def __init__(self, log_dir, purge_step=None):
+            self.log_dir, self.purge_step = log_dir, purge_step
 
         def add_scalar(self, tag, value, step):
             scalars.append((tag, value, step))
@@ -237,8 +237,9 @@ def test_tensorboard_is_used_when_installed_and_optional(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "tensorboardX", type(sys)("tensorboardX"))
     sys.modules["tensorboardX"].SummaryWriter = SummaryWriter
-    writer = MetricsWriter(tmp_path, True)
+    writer = MetricsWriter(tmp_path, True, start_step=2)
     assert writer.tb.log_dir == str(tmp_path / "tensorboard")
+    assert writer.tb.purge_step == 3  # resuming from step 2: events of steps 3.. are about to be replayed
     writer.write({"step": 3, "loss": 2.5, "tokens_per_s": float("nan")})
     writer.close()
     assert scalars == [("loss", 2.5, 3), "closed"]  # NaN (no rate measured yet) is not a scalar
