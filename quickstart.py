@@ -1,10 +1,12 @@
-"""The main job, end to end on the embedded corpus (no network; a few minutes on 2 CPU cores).
+"""The main job, end to end on the embedded corpus (no network; about 9 minutes on 2 CPU cores).
 
-1. train a tiny softmax LLaMA on data/kjv.txt.xz            (configs/tiny.yaml)
+1. pretrain a small softmax LLaMA target on data/kjv.txt.xz   (configs/small.yaml)
 2. linearise it with the paper's `aug` attention and measure it before any fine-tuning
-3. fine-tune the linearised model                             (configs/tiny-aug.yaml)
-4. report both validation perplexities (same held-out chapters, same batches)
-5. generate text from the linearised model with lin_llm.generation.generate
+3. fine-tune the linearised target                             (configs/small-aug.yaml)
+4. train a 2-layer `aug` draft from scratch                     (configs/draft.yaml)
+5. report the validation perplexities (same held-out chapters, same batches)
+6. decode with the linearised target: plain vs speculative with the draft (greedy, timed side by
+   side, identical output), then a sampled continuation, speculatively
 
 Stages that already finished in --workdir are reused and interrupted ones resume (their
 checkpoints are there); --fresh starts over. Writes WORKDIR/report.json.
@@ -22,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from lin_llm import load_config
+from lin_llm.benchmarking import compare_decoding
 from lin_llm.checkpoint import load_checkpoint
 from lin_llm.config import ConfigError
 from lin_llm.data import DataError, load_corpus, val_batches
-from lin_llm.generation import generate
+from lin_llm.generation import speculative_generate
 from lin_llm.sharding import MeshError
 from lin_llm.tokenizer import ByteTokenizer
 from lin_llm.training import TrainError, evaluate_model, perplexity, train
@@ -38,12 +41,21 @@ def _stage(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
+def _config(name: str, work: Path, output: str, steps: int | None, extra=()):
+    overrides = [f"train.output_dir={work / output}", *extra]
+    if steps:
+        overrides.append(f"train.steps={steps}")
+    return load_config(ROOT / "configs" / name, overrides)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/quickstart")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="default: configs/tiny.yaml's train.steps")
-    parser.add_argument("--finetune-steps", type=int, default=None, help="default: configs/tiny-aug.yaml's train.steps")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="default: configs/small.yaml's train.steps")
+    parser.add_argument("--finetune-steps", type=int, default=None, help="default: configs/small-aug.yaml's train.steps")
+    parser.add_argument("--draft-steps", type=int, default=None, help="default: configs/draft.yaml's train.steps")
+    parser.add_argument("--gamma", type=int, default=6, help="draft tokens per target call")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--fresh", action="store_true", help="delete --workdir first")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -51,60 +63,69 @@ def main(argv=None) -> int:
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
     start = time.perf_counter()
+    progress = not args.no_progress
     try:
-        pre = [f"train.output_dir={work / 'softmax'}"]
-        if args.pretrain_steps:
-            pre.append(f"train.steps={args.pretrain_steps}")
-        pre_cfg = load_config(ROOT / "configs" / "tiny.yaml", pre)
-        _stage(f"1/5 pretraining a softmax LLaMA on {pre_cfg.train.data} ({pre_cfg.train.steps} steps)")
-        softmax = train(pre_cfg, resume=True, progress=not args.no_progress)
+        pre_cfg = _config("small.yaml", work, "softmax", args.pretrain_steps)
+        fine_cfg = _config("small-aug.yaml", work, "aug", args.finetune_steps,
+                           [f"train.init_from={work / 'softmax' / 'model'}"])
+        draft_cfg = _config("draft.yaml", work, "draft", args.draft_steps)
+        _stage(f"1/6 pretraining a softmax LLaMA target on {pre_cfg.train.data} ({pre_cfg.train.steps} steps)")
+        softmax = train(pre_cfg, resume=True, progress=progress)
         if softmax.interrupted:
             return 130
 
-        fine = [f"train.init_from={work / 'softmax' / 'model'}", f"train.output_dir={work / 'aug'}"]
-        if args.finetune_steps:
-            fine.append(f"train.steps={args.finetune_steps}")
-        fine_cfg = load_config(ROOT / "configs" / "tiny-aug.yaml", fine)
-        _stage("2/5 linearising it with `aug` (softmax weights + zero conv, lambda=1, alpha=0)")
+        _stage("2/6 linearising it with `aug` (softmax weights + zero conv, lambda=1, alpha=0)")
         corpus, _ = load_corpus(fine_cfg.train, fine_cfg.model)
         batches = val_batches(corpus, fine_cfg.train.batch_size // fine_cfg.train.grad_accum, fine_cfg.train.val_batches)
         zero_shot = evaluate_model(load_checkpoint(work / "softmax" / "model", overrides=["attention=aug"]), batches)
         print(f"linearised, before fine-tuning: val loss {zero_shot:.4f}, ppl {perplexity(zero_shot):.3f}")
 
-        _stage(f"3/5 fine-tuning the linearised model ({fine_cfg.train.steps} steps)")
-        aug = train(fine_cfg, resume=True, progress=not args.no_progress)
+        _stage(f"3/6 fine-tuning the linearised target ({fine_cfg.train.steps} steps)")
+        aug = train(fine_cfg, resume=True, progress=progress)
         if aug.interrupted:
+            return 130
+
+        _stage(f"4/6 training a 2-layer `aug` draft from scratch ({draft_cfg.train.steps} steps)")
+        draft_run = train(draft_cfg, resume=True, progress=progress)
+        if draft_run.interrupted:
             return 130
     except (ConfigError, DataError, MeshError, TrainError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    _stage("4/5 validation perplexity (the same held-out chapters for every model)")
-    rows = [("softmax (teacher)", softmax.final_val_loss), ("aug, before fine-tuning", zero_shot),
-            ("aug, fine-tuned", aug.final_val_loss)]
+    _stage("5/6 validation perplexity (the same held-out chapters for every model)")
+    rows = [("softmax target", softmax.final_val_loss), ("aug, before fine-tuning", zero_shot),
+            ("aug, fine-tuned", aug.final_val_loss), ("draft (2-layer aug)", draft_run.final_val_loss)]
     for name, loss in rows:
         print(f"  {name:<26} loss {loss:.4f}   ppl {perplexity(loss):8.3f}")
     gap = perplexity(aug.final_val_loss) / perplexity(softmax.final_val_loss) - 1
     print(f"  aug is {100 * gap:+.1f}% from the softmax model's perplexity (the goal: within 5%)")
 
-    _stage(f"5/5 generating from the linearised model (prompt {PROMPT!r})")
-    model = load_checkpoint(work / "aug" / "model")
+    _stage(f"6/6 decoding with the linearised target (prompt {PROMPT!r}, {args.max_new_tokens} new tokens)")
+    target, draft = load_checkpoint(work / "aug" / "model"), load_checkpoint(work / "draft" / "model")
     tok = ByteTokenizer()
-    prompt = [[model.cfg.bos_id] + tok.encode(PROMPT)]
+    prompt = [target.cfg.bos_id] + tok.encode(PROMPT)
+    speed = compare_decoding(target, prompt, args.max_new_tokens, draft=draft, gamma=args.gamma)
+    print(f"greedy: plain {speed['plain_tokens_per_s']:.0f} tokens/s, speculative {speed['speculative_tokens_per_s']:.0f} "
+          f"tokens/s ({speed['speedup']:.2f}x, gamma={args.gamma}, {speed['mean_tokens_per_target_call']:.2f} tokens "
+          f"per target call), identical output: {speed['identical_greedy_output']}")
     texts = {}
     for name, temperature in (("greedy", 0.0), ("sampled, T=0.8 top-k 40", 0.8)):
-        new = generate(model, prompt, args.max_new_tokens, temperature=temperature, top_k=40 if temperature else None,
-                       eos_id=model.cfg.eos_id, seed=0)
+        new, stats = speculative_generate(
+            target, draft, [prompt], args.max_new_tokens, gamma=args.gamma, temperature=temperature,
+            top_k=40 if temperature else None, eos_id=target.cfg.eos_id, seed=0,
+        )
         texts[name] = PROMPT + tok.decode(np.asarray(new[0]))
-        print(f"--- {name}:\n{texts[name]}\n")
+        print(f"--- {name} (speculative, acceptance {stats['acceptance_rate']:.2f}):\n{texts[name]}\n")
 
     report = {
         "softmax_val_loss": softmax.final_val_loss, "softmax_val_ppl": perplexity(softmax.final_val_loss),
         "aug_zero_shot_val_loss": zero_shot, "aug_zero_shot_val_ppl": perplexity(zero_shot),
         "aug_val_loss": aug.final_val_loss, "aug_val_ppl": perplexity(aug.final_val_loss),
         "aug_vs_softmax_ppl": perplexity(aug.final_val_loss) / perplexity(softmax.final_val_loss),
+        "draft_val_loss": draft_run.final_val_loss, "draft_val_ppl": perplexity(draft_run.final_val_loss),
         "pretrain_tokens_per_s": softmax.tokens_per_s, "finetune_tokens_per_s": aug.tokens_per_s,
-        "samples": texts, "seconds": time.perf_counter() - start,
+        "greedy_decoding": speed, "samples": texts, "seconds": time.perf_counter() - start,
     }
     (work / "report.json").write_text(json.dumps(report, indent=1))
     print(f"report: {work / 'report.json'} ({report['seconds']:.0f} s)")

@@ -6,7 +6,7 @@
 3. With --target and --draft (e.g. the main job's trained models): speculative vs plain decoding
    of the same prompt; with --medusa, Medusa vs plain on --target.
 
-    python bench/decode.py [--config configs/tiny.yaml] [--target DIR --draft DIR] [--medusa]
+    python bench/decode.py [--config configs/tiny.yaml] [--target DIR --draft DIR [--gamma 4 6 8]] [--medusa]
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def main(argv=None):
     parser.add_argument("--target", help="trained target checkpoint (speculative / Medusa comparison)")
     parser.add_argument("--draft", help="trained draft checkpoint")
     parser.add_argument("--medusa", action="store_true", help="Medusa decoding with --target's heads")
+    parser.add_argument("--gamma", type=int, nargs="+", default=[4, 6, 8], help="draft tokens per target call")
     parser.add_argument("--prompt", default="And God said, Let there be light: and there was light.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="bench/results")
@@ -113,11 +114,14 @@ def main(argv=None):
     if args.target and (args.draft or args.medusa):
         target = load_checkpoint(args.target)
         draft = load_checkpoint(args.draft) if args.draft else None
-        result["speculative"] = benchmarking.compare_decoding(
-            target, prompt, args.new_tokens, draft=draft, medusa_topk=(4, 2, 2) if args.medusa else None,
-            repeats=args.repeats,
-        )
-        result["speculative"]["target"], result["speculative"]["draft"] = args.target, args.draft
+        runs = []
+        for gamma in tqdm(args.gamma if draft is not None else [None], desc="speculative vs plain"):
+            run = benchmarking.compare_decoding(
+                target, prompt, args.new_tokens, draft=draft, medusa_topk=(4, 2, 2) if args.medusa else None,
+                repeats=args.repeats, **({"gamma": gamma} if gamma else {}),
+            )
+            runs.append({"target": args.target, "draft": args.draft, **run})
+        result["speculative"] = runs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode.json").write_text(json.dumps(result, indent=2))
