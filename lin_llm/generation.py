@@ -97,6 +97,28 @@ def _finish(out, eos_id):
     return jnp.where(seen, eos_id, out)
 
 
+def _speculative_output(full, n_out, max_new_tokens, eos_id):
+    """The first max_new_tokens of each row's output buffer, EOS-filled past a row that stopped
+    (its buffer holds n_out real tokens) and past its first EOS."""
+    out = full[:, :max_new_tokens]
+    if eos_id is not None:
+        out = jnp.where(jnp.arange(max_new_tokens)[None, :] < n_out[:, None], out, eos_id)
+    return _finish(out, eos_id)
+
+def _append_accepted(out, n_out, done, active, proposed, n_acc, new_last, *, stream, max_new_tokens, eos_id):
+    """One speculative round's output: each active row gains its first n_acc proposed tokens
+    [B, k], then new_last (the target's own token), written at its position n_out and streamed.
+    Returns the new (out, n_out, done): a row is done once one of those tokens is EOS."""
+    rows = jnp.arange(out.shape[0])
+    tokens = jnp.concatenate([proposed, jnp.zeros_like(proposed[:, :1])], axis=1).at[rows, n_acc].set(new_last)
+    write = jax.vmap(lambda o, t, at: jax.lax.dynamic_update_slice_in_dim(o, t, at, axis=0))
+    out = jnp.where(active[:, None], write(out, tokens, n_out), out)
+    _emit(stream, tokens, jnp.where(active, jnp.minimum(n_acc + 1, max_new_tokens - n_out), 0))
+    if eos_id is not None:
+        new_eos = jnp.any((tokens == eos_id) & (jnp.arange(tokens.shape[1])[None, :] <= n_acc[:, None]), axis=1)
+        done = done | (active & new_eos)
+    return out, n_out + jnp.where(active, n_acc + 1, 0), done
+
 # --------------------------------------------------------------------------- plain decoding
 
 
@@ -258,29 +280,22 @@ def _speculative(target_def, target_params, draft_def, draft_params, ids, length
         n_acc = jnp.where(active, n_acc, 0)
         new_last = correction[rows, n_acc]
         # 3. outputs: the accepted drafts, then the correction (or bonus) token
-        tokens = jnp.concatenate([drafts, jnp.zeros((batch, 1), jnp.int32)], axis=1).at[rows, n_acc].set(new_last)
-        write = jax.vmap(lambda o, t, at: jax.lax.dynamic_update_slice_in_dim(o, t, at, axis=0))
-        out = jnp.where(active[:, None], write(out, tokens, n_out), out)
-        _emit(stream, tokens, jnp.where(active, jnp.minimum(n_acc + 1, max_new_tokens - n_out), 0))
-        if eos_id is not None:
-            new_eos = jnp.any((tokens == eos_id) & (jnp.arange(gamma + 1)[None, :] <= n_acc[:, None]), axis=1)
-            done = done | (active & new_eos)
+        out, n_out, done = _append_accepted(
+            out, n_out, done, active, drafts, n_acc, new_last, stream=stream, max_new_tokens=max_new_tokens, eos_id=eos_id
+        )
         # 4. commit last + accepted drafts into both states (inactive rows: nothing)
         n_commit = jnp.where(active, n_acc + 1, 0)
         path = jnp.broadcast_to(jnp.arange(gamma + 1), (batch, gamma + 1))
         t_state = target.commit(t_state, pending, path, n_commit)
         d_state = _select_states(d_states, n_commit)
-        n_out = n_out + jnp.where(active, n_acc + 1, 0)
         last = jnp.where(active, new_last, last)
         stats = stats + jnp.stack([1, jnp.sum(active) * gamma, jnp.sum(n_acc)]).astype(jnp.int32)
         return t_state, d_state, last, out, n_out, done, key, stats
 
     carry = (t_state, d_state, last, out, n_out, done, key, stats)
     t_state, d_state, last, full, n_out, done, key, stats = jax.lax.while_loop(cond, body, carry)
-    out = full[:, :max_new_tokens]
-    if eos_id is not None:
-        out = jnp.where(jnp.arange(max_new_tokens)[None, :] < n_out[:, None], out, eos_id)
-    return _finish(out, eos_id), stats, {"target": t_state, "draft": d_state, "tokens": full, "n_tokens": n_out}
+    out = _speculative_output(full, n_out, max_new_tokens, eos_id)
+    return out, stats, {"target": t_state, "draft": d_state, "tokens": full, "n_tokens": n_out}
 
 
 def speculative_generate(

@@ -20,7 +20,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lin_llm.generation import _check_request, _emit, _finish, _generated_counts, _last_logits, pad_prompts
+from lin_llm.generation import (
+    _append_accepted, _check_request, _emit, _generated_counts, _last_logits, _speculative_output, pad_prompts,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,28 +100,20 @@ def _medusa(graphdef, params, ids, lengths, *, tree, max_new_tokens, max_len, eo
         n_acc = jnp.where(active, depth[best], 0)
         new_last = choice[rows, best]
         path = paths[best]  # [B, depth+1]
-        emitted = jnp.concatenate([tokens[rows[:, None], path[:, 1:]], jnp.zeros((batch, 1), jnp.int32)], axis=1)
-        emitted = emitted.at[rows, n_acc].set(new_last)
-        write = jax.vmap(lambda o, t, at: jax.lax.dynamic_update_slice_in_dim(o, t, at, axis=0))
-        out = jnp.where(active[:, None], write(out, emitted, n_out), out)
-        _emit(stream, emitted, jnp.where(active, jnp.minimum(n_acc + 1, max_new_tokens - n_out), 0))
-        if eos_id is not None:
-            hit = jnp.any((emitted == eos_id) & (jnp.arange(max_depth + 1)[None, :] <= n_acc[:, None]), axis=1)
-            done = done | (active & hit)
+        out, n_out, done = _append_accepted(
+            out, n_out, done, active, tokens[rows[:, None], path[:, 1:]], n_acc, new_last,
+            stream=stream, max_new_tokens=max_new_tokens, eos_id=eos_id,
+        )
         state = model.commit(state, pending, path, jnp.where(active, n_acc + 1, 0))
         heads = jnp.where(active[:, None, None], model.medusa_logits(hidden[rows, best][:, None])[:, 0], heads)
         last = jnp.where(active, new_last, last)
-        n_out = n_out + jnp.where(active, n_acc + 1, 0)
         stats = stats + jnp.stack([1, jnp.sum(n_acc)]).astype(jnp.int32)
         return state, last, heads, out, n_out, done, stats
 
     state, last, heads, out, n_out, done, stats = jax.lax.while_loop(
         cond, body, (state, last, heads, out, n_out, done, stats)
     )
-    out = out[:, :max_new_tokens]
-    if eos_id is not None:
-        out = jnp.where(jnp.arange(max_new_tokens)[None, :] < n_out[:, None], out, eos_id)
-    return _finish(out, eos_id), stats
+    return _speculative_output(out, n_out, max_new_tokens, eos_id), stats
 
 
 def medusa_generate(model, prompt_ids, max_new_tokens: int, *, topk: tuple[int, ...] = (4, 2, 2), eos_id=None, stream=None):
