@@ -16,11 +16,11 @@ Stages that finished are reused and interrupted ones resume (--workdir keeps the
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from lin_llm import load_config
+from lin_llm.benchmarking import write_result
 from lin_llm.checkpoint import load_checkpoint
 from lin_llm.data import load_corpus, val_batches
 from lin_llm.training import evaluate_model, perplexity, train
@@ -118,9 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(json.dumps(result, indent=1))
+    out = write_result(result, args.out, "ablation")
     (out / "ablation.md").write_text(table(result) + "\n")
     plot(result, out / "ablation.png")
     print(table(result))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from lin_llm.attention import layer, presets, softmax
-from lin_llm.benchmarking import matmul_gflops, timed
+from lin_llm.benchmarking import matmul_gflops, timed, write_result
 from lin_llm.attention.layer import layer_math
 
 B, H, D = 1, 8, 64
@@ -110,9 +110,7 @@ def main(argv=None):
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     result = run(args.lengths, args.repeats)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attention_layer.json").write_text(json.dumps(result, indent=2))
+    out = write_result(result, args.out, "attention_layer")
     plot(result, out / "attention_layer.png")
     print(json.dumps(result))
 

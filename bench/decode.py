@@ -114,17 +114,14 @@ def main(argv=None):
     if args.target and (args.draft or args.medusa):
         target = load_checkpoint(args.target)
         draft = load_checkpoint(args.draft) if args.draft else None
-        runs = []
-        for gamma in tqdm(args.gamma if draft is not None else [None], desc="speculative vs plain"):
-            run = benchmarking.compare_decoding(
-                target, prompt, args.new_tokens, draft=draft, medusa_topk=(4, 2, 2) if args.medusa else None,
-                repeats=args.repeats, **({"gamma": gamma} if gamma else {}),
-            )
-            runs.append({"target": args.target, "draft": args.draft, **run})
-        result["speculative"] = runs
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode.json").write_text(json.dumps(result, indent=2))
+        # each setting is timed beside its own plain run: the machine's load drifts between them
+        settings = [{"draft": draft, "gamma": g} for g in args.gamma] if draft else [{"medusa_topk": (4, 2, 2)}]
+        result["speculative"] = [
+            {"target": args.target, "draft": args.draft,
+             **benchmarking.compare_decoding(target, prompt, args.new_tokens, repeats=args.repeats, **setting)}
+            for setting in tqdm(settings, desc="speculative vs plain")
+        ]
+    out = benchmarking.write_result(result, args.out, "decode")
     plot(result, out / "decode_latency.png")
     print(json.dumps(result))
 

@@ -22,7 +22,7 @@ import jax
 from tqdm import tqdm
 
 from lin_llm import load_config
-from lin_llm.benchmarking import matmul_gflops, timed
+from lin_llm.benchmarking import matmul_gflops, timed, write_result
 from lin_llm.training import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,9 +117,7 @@ def main(argv=None) -> int:
         "platform": jax.devices()[0].platform, "matmul_gflops": peak / 1e9,
         "matmul_gflops_before_after": [before, after], "rows": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_throughput.json").write_text(json.dumps(result, indent=1))
+    out = write_result(result, args.out, "train_throughput")
     (out / "train_throughput.md").write_text(table(result) + "\n")
     print(json.dumps(result))
     return 0

@@ -7,7 +7,9 @@ whatever JAX's default device is, so compare ratios measured in the same run.
 from __future__ import annotations
 
 import functools
+import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,15 @@ from lin_llm.generation import generate, speculative_generate
 from lin_llm.medusa import medusa_generate
 
 CONTEXTS = (256, 2048, 16384)
+
+
+def write_result(result: dict, out_dir, name: str) -> Path:
+    """Save a benchmark's result as OUT_DIR/NAME.json (creating OUT_DIR); returns OUT_DIR, where
+    its table or plot goes too."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    return out
 
 
 def timed(fn, repeats: int = 3):
