@@ -14,7 +14,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lin_llm.generation import generate, speculative_generate
 from lin_llm.medusa import medusa_generate
@@ -49,9 +48,8 @@ def matmul_gflops(repeats: int = 3, n: int = 2048) -> float:
     return 2 * n**3 / timed(lambda: matmul(a), repeats)[0] / 1e9
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n_steps"))
-def _greedy_steps(graphdef, params, state, token, n_steps):
-    model = nnx.merge(graphdef, params)
+@functools.partial(jax.jit, static_argnames=("n_steps",))
+def _greedy_steps(model, state, token, n_steps):
 
     def body(_, carry):
         token, state = carry
@@ -61,21 +59,20 @@ def _greedy_steps(graphdef, params, state, token, n_steps):
     return jax.lax.fori_loop(0, n_steps, body, (token, state))[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prefill_chunk(graphdef, params, ids, state):
-    return nnx.merge(graphdef, params).prefill(ids, state)[1]
+@jax.jit
+def _prefill_chunk(model, ids, state):
+    return model.prefill(ids, state)[1]
 
 
 def _context_state(model, context: int, n_steps: int, chunk: int, seed: int):
     needed = context + n_steps
     if needed > model.cfg.max_seq_len:
         raise ValueError(f"context {context} + {n_steps} steps exceeds max_seq_len={model.cfg.max_seq_len}")
-    graphdef, params = nnx.split(model)
     ids = jax.random.randint(jax.random.key(seed), (1, context), 0, model.cfg.vocab_size)
     state = model.init_state(1, needed)
     for start in range(0, context, chunk):  # a softmax model's [T, T] scores would not fit at once
-        state = _prefill_chunk(graphdef, params, ids[:, start : start + chunk], state)
-    return lambda: _greedy_steps(graphdef, params, state, ids[:, -1], n_steps)
+        state = _prefill_chunk(model, ids[:, start : start + chunk], state)
+    return lambda: _greedy_steps(model, state, ids[:, -1], n_steps)
 
 
 def latency_at_contexts(model, contexts, n_steps: int = 128, rounds: int = 5, chunk: int = 512, seed: int = 0) -> dict:

@@ -13,7 +13,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental import io_callback
 
 from lin_llm.attention.state import DecodeState, KVCache
@@ -129,10 +128,9 @@ def _emit(stream, tokens, counts):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "temperature", "top_k", "top_p", "eos_id", "stream")
+    jax.jit, static_argnames=("max_new_tokens", "max_len", "temperature", "top_k", "top_p", "eos_id", "stream")
 )
-def _generate(graphdef, params, ids, lengths, key, *, max_new_tokens, max_len, temperature, top_k, top_p, eos_id, stream):
-    model = nnx.merge(graphdef, params)
+def _generate(model, ids, lengths, key, *, max_new_tokens, max_len, temperature, top_k, top_p, eos_id, stream):
     batch = ids.shape[0]
     draw = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
     logits, state = model.prefill(ids, model.init_state(batch, max_len), lengths)
@@ -182,9 +180,8 @@ def generate(
     """
     ids, lengths = pad_prompts(prompt_ids)
     _check_request(model, lengths, max_new_tokens, 0, temperature)
-    graphdef, params = nnx.split(model)
     return _generate(
-        graphdef, params, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed),
+        model, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed),
         max_new_tokens=max_new_tokens, max_len=int(lengths.max()) + max_new_tokens, temperature=float(temperature),
         top_k=top_k, top_p=top_p, eos_id=eos_id, stream=stream,
     )
@@ -217,13 +214,11 @@ def _probs(logits, temperature, top_k, top_p):
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "target_def", "draft_def", "max_new_tokens", "max_len", "gamma", "temperature", "top_k", "top_p", "eos_id", "stream"
+        "max_new_tokens", "max_len", "gamma", "temperature", "top_k", "top_p", "eos_id", "stream"
     ),
 )
-def _speculative(target_def, target_params, draft_def, draft_params, ids, lengths, key, *, max_new_tokens, max_len,
-                 gamma, temperature, top_k, top_p, eos_id, stream):
-    target = nnx.merge(target_def, target_params)
-    draft = nnx.merge(draft_def, draft_params)
+def _speculative(target, draft, ids, lengths, key, *, max_new_tokens, max_len, gamma, temperature, top_k, top_p, eos_id,
+                 stream):
     batch = ids.shape[0]
     rows = jnp.arange(batch)
     greedy = temperature == 0.0
@@ -336,10 +331,8 @@ def speculative_generate(
     ids, lengths = pad_prompts(prompt_ids)
     for model in (target, draft):
         _check_request(model, lengths, max_new_tokens, gamma + 1, temperature)
-    target_def, target_params = nnx.split(target)
-    draft_def, draft_params = nnx.split(draft)
     out, stats, states = _speculative(
-        target_def, target_params, draft_def, draft_params, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed),
+        target, draft, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed),
         max_new_tokens=max_new_tokens, max_len=int(lengths.max()) + max_new_tokens + gamma + 1, gamma=gamma,
         temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id, stream=stream,
     )

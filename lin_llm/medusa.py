@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from lin_llm.generation import (
     _append_accepted, _check_request, _emit, _generated_counts, _last_logits, _speculative_output, pad_prompts,
@@ -65,9 +64,8 @@ def _candidates(tree: Tree, last, head_logits):
     return jnp.stack(columns, axis=1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tree", "max_new_tokens", "max_len", "eos_id", "stream"))
-def _medusa(graphdef, params, ids, lengths, *, tree, max_new_tokens, max_len, eos_id, stream):
-    model = nnx.merge(graphdef, params)
+@functools.partial(jax.jit, static_argnames=("tree", "max_new_tokens", "max_len", "eos_id", "stream"))
+def _medusa(model, ids, lengths, *, tree, max_new_tokens, max_len, eos_id, stream):
     batch, rows = ids.shape[0], jnp.arange(ids.shape[0])
     depth, ancestors, paths = (jnp.asarray(a) for a in tree.arrays())
     parent = paths[jnp.arange(tree.size), jnp.maximum(depth - 1, 0)]
@@ -127,9 +125,8 @@ def medusa_generate(model, prompt_ids, max_new_tokens: int, *, topk: tuple[int, 
     tree = build_tree(tuple(topk))
     ids, lengths = pad_prompts(prompt_ids)
     _check_request(model, lengths, max_new_tokens, len(topk) + 1, 0.0)
-    graphdef, params = nnx.split(model)
     out, stats = _medusa(
-        graphdef, params, jnp.asarray(ids), jnp.asarray(lengths), tree=tree, max_new_tokens=max_new_tokens,
+        model, jnp.asarray(ids), jnp.asarray(lengths), tree=tree, max_new_tokens=max_new_tokens,
         max_len=int(lengths.max()) + max_new_tokens + len(topk) + 1, eos_id=eos_id, stream=stream,
     )
     calls, accepted = (int(x) for x in stats)

@@ -12,8 +12,8 @@ def meaningful(state, used):
     layers = []
     for layer_state in state.layers:
         if hasattr(layer_state, "k"):  # softmax KV cache, cropped to `used`: caches may differ in max_len
-            live = (jnp.arange(used)[None, :] < state.pos[:, None])[:, :, None, None]
-            layers.append((layer_state.k[:, :used] * live, layer_state.v[:, :used] * live))
+            live = (jnp.arange(used)[None, :] < state.pos[:, None])[:, None, :, None]
+            layers.append((layer_state.k[:, :, :used] * live, layer_state.v[:, :, :used] * live))
         else:
             attn = layer_state.attn
             group = attn.k_group.shape[1]

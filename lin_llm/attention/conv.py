@@ -86,7 +86,11 @@ def step(v: jax.Array, weight: jax.Array, history: jax.Array) -> tuple[jax.Array
     """One token per row: v [B, H, Dv] -> output [B, H, Dv] and the updated history."""
     taps = causal_taps(weight)
     window = jnp.concatenate([history, v[:, None].astype(history.dtype)], axis=1)  # oldest first
-    out = jnp.einsum("bshd,shd->bhd", window[:, ::-1].astype(F32), jnp.broadcast_to(taps, (taps.shape[0],) + v.shape[1:]))
+    oldest_first = taps[::-1]  # aligned with the window; reversing the taps is loop-invariant work
+    if oldest_first.shape[-1] == 1:  # per-head weights
+        out = jnp.einsum("bshd,sh->bhd", window.astype(F32), oldest_first[..., 0])
+    else:
+        out = jnp.einsum("bshd,shd->bhd", window.astype(F32), oldest_first)
     return out, window[:, 1:]
 
 
@@ -97,7 +101,7 @@ def unfolded(v: jax.Array, weight: jax.Array, history: jax.Array, ancestors: jax
     unfolding), so siblings never see each other.
     """
     taps = causal_taps(weight)  # [K, H, C]
-    k_eff, m = taps.shape[0], v.shape[1]
+    k_eff = taps.shape[0]
     # path[i, s] = the candidate s steps back from i along its path (one-hot over candidates)
     lag_of = depths[:, None] - depths[None, :]  # [m, m]: how far back j is from i
     path = ancestors[:, None, :] & (lag_of[:, None, :] == jnp.arange(k_eff)[None, :, None])  # [m, K, m]

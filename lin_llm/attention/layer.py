@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 
 from lin_llm.attention import conv, feature_maps, linear
@@ -134,14 +133,16 @@ def extend(lm: LayerMath, params: dict, q, k, v, positions, state: LinearLayerSt
     step form."""
     qf, kf = _featurise(lm, params, q, k, positions)
     lam, alpha = _mix(params)
+    history = state.conv
     if q.shape[1] == 1 and lengths is None:
         out, attn = linear.step(lm.spec, qf[:, 0], kf[:, 0], v[:, 0], state.attn, pos, lam, alpha)
-        out = out[:, None]
-    else:
-        out, attn = linear.extend(
-            lm.spec, qf.astype(q.dtype), kf.astype(k.dtype), v, state.attn, pos, lam, alpha, n_valid=lengths
-        )
-    history = state.conv
+        if lm.preset.conv:
+            conv_out, history = conv.step(v[:, 0], params["conv"], history)
+            out = out + conv_out
+        return out[:, None], LinearLayerState(attn=attn, conv=history)
+    out, attn = linear.extend(
+        lm.spec, qf.astype(q.dtype), kf.astype(k.dtype), v, state.attn, pos, lam, alpha, n_valid=lengths
+    )
     if lm.preset.conv:
         out = out + conv.conv(v, params["conv"], history)
         history = conv.new_history(history, v, lengths)

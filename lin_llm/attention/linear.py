@@ -16,6 +16,7 @@ L2-normalised q, k and no normaliser, and then G matters. States accumulate in f
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -255,10 +256,23 @@ def step(spec: LinearSpec, qf, kf, v, state: LinearState, pos, lam=1.0, alpha=1.
             global_den = jnp.einsum("bhf,bhf->bh", q32, state.z)
     out = _combine(spec, lam, alpha, local_num, local_den, global_num, global_den)
     # The token that completes a group folds the whole group into S (and z).
-    full = (slot == g - 1)[:, None, None, None]
-    s = state.s + jnp.where(full, jnp.einsum("bghf,bghd->bhfd", k_group, v_group), 0.0)
-    z = state.z + jnp.where(full[..., 0], jnp.sum(k_group, axis=1), 0.0) if spec.normalize else state.z
+    full = slot == g - 1
+    # A group completes once every G steps: skip the [G, F] x [G, Dv] products the other steps.
+    # (The same branch functions every call, operands passed: eager calls reuse one compiled cond.)
+    fold, keep = _fold_branches(spec.normalize)
+    s, z = jax.lax.cond(jnp.any(full), fold, keep, state.s, state.z, k_group, v_group, full)
     return out, LinearState(s=s, z=z, k_group=k_group, v_group=v_group)
+
+
+@functools.cache
+def _fold_branches(normalize: bool):
+    def fold(s, z, k_group, v_group, full):  # add the groups of the rows where full [B] to s, z
+        where = full[:, None, None, None]
+        s = s + jnp.where(where, jnp.einsum("bghf,bghd->bhfd", k_group, v_group), 0.0)
+        z = z + jnp.where(where[..., 0], jnp.sum(k_group, axis=1), 0.0) if normalize else z
+        return s, z
+
+    return fold, lambda s, z, *_: (s, z)
 
 
 # --------------------------------------------------------------------------- verify

@@ -1,8 +1,8 @@
 """Softmax attention: the baseline and the teacher of the linearised models.
 
-Shapes: q [B, T, H, D]; k, v [B, S, H_kv, D] with H a multiple of H_kv (grouped-query).
-Both forms use ``jax.nn.dot_product_attention`` (fp32 logits and softmax whatever the input
-dtype; cuDNN on GPU when it applies).
+Shapes: q [B, T, H, D]; k, v [B, S, H_kv, D] with H a multiple of H_kv (grouped-query); the KV
+cache is [B, H_kv, S, D]. Training uses ``jax.nn.dot_product_attention`` (cuDNN on GPU when it
+applies); the cached forms attend in the cache's own layout. Logits and softmax are fp32.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import jax.numpy as jnp
 
 from lin_llm.attention.state import KVCache
 
+F32 = jnp.float32
+
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Full causal attention over a whole sequence (training and the reference)."""
@@ -19,14 +21,50 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def init_cache(batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype) -> KVCache:
-    shape = (batch, max_len, n_kv_heads, head_dim)
+    shape = (batch, n_kv_heads, max_len, head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
 def _write(cache: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
-    """Write new [B, T, ...] into cache [B, S, ...] at each row's own start position."""
-    write_row = lambda c, n, p: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), p, axis=0)
+    """Write new [B, T, H_kv, D] into cache [B, H_kv, S, D] at each row's own start position."""
+    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)
+    write_row = lambda c, n, p: jax.lax.dynamic_update_slice_in_dim(c, n, p, axis=1)
     return jax.vmap(write_row)(cache, new, pos)
+
+
+# One decoded token (T = 1) contracts with the cache by a multiply-reduce: XLA CPU fuses it and
+# reads the loop-carried cache in place, where a dot transposes the whole cache every step
+# (measured 1.5x slower per token on the tiny model). Longer T (prefill, verify) use dots.
+
+
+def _scores(q, k):
+    """Scaled logits [B, H_kv, rep, T, S] (fp32) of q [B, T, H, D] against k [B, H_kv, S, D]."""
+    b, t, h, d = q.shape
+    grouped = jnp.moveaxis(q.reshape(b, t, k.shape[1], h // k.shape[1], d), 1, 3)  # [B, H_kv, rep, T, D]
+    if t == 1:
+        logits = jnp.sum(grouped.astype(F32) * k[:, :, None].astype(F32), axis=-1)[:, :, :, None]
+    else:
+        logits = jnp.einsum("bkgtd,bksd->bkgts", grouped, k.astype(q.dtype), preferred_element_type=F32)
+    return logits / jnp.sqrt(F32(d))
+
+
+def _mix(weights, v):
+    """sum_s weights [B, H_kv, rep, T, S] * v [B, H_kv, S, D] -> [B, T, H_kv, rep, D] (fp32)."""
+    if weights.shape[3] == 1:
+        return jnp.sum(weights[:, :, :, 0, :, None].astype(F32) * v[:, :, None].astype(F32), axis=3)[:, None]
+    return jnp.einsum("bkgts,bksd->btkgd", weights.astype(v.dtype), v, preferred_element_type=F32)
+
+
+def _attend(q, blocks):
+    """Softmax attention of q [B, T, H, D] over the concatenation of `blocks`, each (k, v
+    [B, H_kv, S_i, D], mask broadcastable to [B, 1, 1, T, S_i]); out [B, T, H, D] in q's dtype."""
+    logits = jnp.concatenate([jnp.where(mask, _scores(q, k), -jnp.inf) for k, _, mask in blocks], axis=-1)
+    weights = jax.nn.softmax(logits, axis=-1)
+    out, start = 0.0, 0
+    for k, v, _ in blocks:
+        out = out + _mix(weights[..., start : start + k.shape[2]], v.astype(q.dtype))
+        start += k.shape[2]
+    return out.reshape(q.shape).astype(q.dtype)
 
 
 def cached_attention(
@@ -38,23 +76,19 @@ def cached_attention(
     pos + T <= max_len: dynamic_update_slice would otherwise clamp the write.
     """
     cache = KVCache(k=_write(cache.k, k, pos), v=_write(cache.v, v, pos))
-    t, s = q.shape[1], cache.k.shape[1]
+    t, s = q.shape[1], cache.k.shape[2]
     query_pos = pos[:, None] + jnp.arange(t)[None, :]  # [B, T]
     mask = jnp.arange(s)[None, None, :] <= query_pos[:, :, None]  # [B, T, S]
-    out = jax.nn.dot_product_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask=mask[:, None])
-    return out, cache
+    return _attend(q, [(cache.k, cache.v, mask[:, None, None])]), cache
 
 
 def verify(q, k, v, cache: KVCache, pos, ancestors):
     """Attend m candidates [B, m, ...] to the cache (positions < pos) and to their own ancestors
     (ancestors [m, m], self included; lower-triangular for a chain). The cache is not changed;
     the candidates' k, v are returned for ``commit``."""
-    s = cache.k.shape[1]
-    keys = jnp.concatenate([cache.k.astype(q.dtype), k.astype(q.dtype)], axis=1)
-    values = jnp.concatenate([cache.v.astype(q.dtype), v.astype(q.dtype)], axis=1)
-    past = jnp.broadcast_to(jnp.arange(s)[None, None, :] < pos[:, None, None], (q.shape[0], q.shape[1], s))
-    mask = jnp.concatenate([past, jnp.broadcast_to(ancestors[None], (q.shape[0],) + ancestors.shape)], axis=-1)
-    return jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None]), (k, v)
+    past = (jnp.arange(cache.k.shape[2])[None, :] < pos[:, None])[:, None, None, None]  # [B, 1, 1, 1, S]
+    candidates = (jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), ancestors)
+    return _attend(q, [(cache.k, cache.v, past), candidates]), (k, v)
 
 
 def commit(cache: KVCache, pending, pos, path) -> KVCache:

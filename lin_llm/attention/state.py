@@ -10,7 +10,7 @@ import jax
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Preallocated softmax KV cache of one layer: [B, max_len, n_kv_heads, head_dim]."""
+    """Preallocated softmax KV cache of one layer: [B, n_kv_heads, max_len, head_dim]."""
 
     k: jax.Array
     v: jax.Array
