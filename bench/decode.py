@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,15 +37,16 @@ def versus_transformers(cfg, prompt, new_tokens: int, repeats: int) -> dict:
         hf = LlamaForCausalLM.from_pretrained(Path(tmp) / "hf", torch_dtype=torch.float32).eval()
     ids = torch.tensor([prompt])
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        hf_out = hf.generate(ids, **kwargs)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            hf_out = hf.generate(ids, **kwargs)
-            times.append(time.perf_counter() - start)
-    hf_seconds = float(np.median(times))
-    ours_seconds, ours = benchmarking.timed(lambda: generate(model, [prompt], new_tokens), repeats)
+
+    def theirs():
+        with torch.no_grad():
+            return hf.generate(ids, **kwargs)
+
+    # interleaved rounds (median of each): the shared machine's load drifts over a run
+    seconds, (ours, hf_out) = benchmarking.interleaved(
+        [lambda: generate(model, [prompt], new_tokens), theirs], repeats
+    )
+    ours_seconds, hf_seconds = seconds
     return {
         "params": sum(p.numel() for p in hf.parameters()),
         "new_tokens": new_tokens,
@@ -102,7 +102,7 @@ def main(argv=None):
     parser.add_argument("--medusa", action="store_true", help="Medusa decoding with --target's heads")
     parser.add_argument("--gamma", type=int, nargs="+", default=[4, 6, 8], help="draft tokens per target call")
     parser.add_argument("--prompt", default="And God said, Let there be light: and there was light.")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
 

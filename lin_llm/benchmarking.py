@@ -32,13 +32,22 @@ def write_result(result: dict, out_dir, name: str) -> Path:
 
 def timed(fn, repeats: int = 3):
     """(median seconds, last result) of fn() after one warm-up call (which compiles)."""
-    result = jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), result
+    (seconds,), (result,) = interleaved([fn], repeats)
+    return seconds, result
+
+
+def interleaved(fns, rounds: int = 3):
+    """([median seconds of each fn], [last result of each]) over `rounds` rounds that call every
+    fn once in turn, after one warm-up call each: load that drifts during the run falls on all
+    of them alike."""
+    results = [jax.block_until_ready(fn()) for fn in fns]
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            results[i] = jax.block_until_ready(fn())
+            times[i].append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times], results
 
 
 def matmul_gflops(repeats: int = 3, n: int = 2048) -> float:
@@ -96,8 +105,8 @@ def latency_at_contexts(model, contexts, n_steps: int = 128, rounds: int = 5, ch
 def compare_decoding(target, prompt, max_new_tokens, *, draft=None, medusa_topk=None, gamma=4, repeats=3) -> dict:
     """Greedy plain vs speculative (with `draft`) or Medusa (with `medusa_topk`) decoding of one
     prompt: tokens/s of each, whether the outputs are identical, and the acceptance stats."""
-    plain_seconds, plain = timed(lambda: generate(target, [prompt], max_new_tokens), repeats)
-    result = {"max_new_tokens": max_new_tokens, "plain_tokens_per_s": round(max_new_tokens / plain_seconds, 2)}
+    plain = lambda: generate(target, [prompt], max_new_tokens)
+    result = {"max_new_tokens": max_new_tokens}
     if draft is not None:
         run = lambda: speculative_generate(target, draft, [prompt], max_new_tokens, gamma=gamma)
         name = "speculative"
@@ -105,8 +114,10 @@ def compare_decoding(target, prompt, max_new_tokens, *, draft=None, medusa_topk=
         run = lambda: medusa_generate(target, [prompt], max_new_tokens, topk=tuple(medusa_topk))
         name = "medusa"
     else:
-        return result
-    seconds, (tokens, stats) = timed(run, repeats)
+        seconds, _ = timed(plain, repeats)
+        return {**result, "plain_tokens_per_s": round(max_new_tokens / seconds, 2)}
+    (plain_seconds, seconds), (plain, (tokens, stats)) = interleaved([plain, run], repeats)
+    result["plain_tokens_per_s"] = round(max_new_tokens / plain_seconds, 2)
     result.update({
         "mode": name,
         f"{name}_tokens_per_s": round(max_new_tokens / seconds, 2),

@@ -195,3 +195,14 @@ def test_decode_cli_refuses_bad_requests(tmp_path, capsys):
     for argv, message in cases:
         assert decode.main(argv) == 2
         assert re.search(message, capsys.readouterr().err), argv
+
+
+def test_compare_decoding_reports_plain_vs_speculative():
+    """The benchmark's comparison: same prompt both ways, identical greedy output, sane stats."""
+    from lin_llm.benchmarking import compare_decoding
+
+    target = _model("aug", 1)
+    result = compare_decoding(target, PROMPTS[0], 30, draft=target, gamma=3, repeats=1)
+    assert result["identical_greedy_output"] and result["acceptance_rate"] == 1.0
+    assert result["mean_accepted_length"] == 3 and result["speedup"] > 0
+    assert result["plain_tokens_per_s"] > 0 and result["speculative_tokens_per_s"] > 0
