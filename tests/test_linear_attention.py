@@ -138,6 +138,21 @@ def test_conv_matches_a_direct_loop_and_masks_the_future():
         grad = jax.grad(lambda w: jnp.sum(conv.conv(v, w) ** 2))(weight)
         assert (np.asarray(grad)[:, KSIZE // 2 + 1 :] == 0).all()  # masked future taps never learn
         assert (np.abs(np.asarray(grad)[:, : KSIZE // 2 + 1]) > 0).all()
+        # the step form, token by token
+        history = jnp.zeros((2, conv.history_len(KSIZE), H, D))
+        for t in range(13):
+            out, history = conv.step(v[:, t], weight, history)
+            np.testing.assert_allclose(np.asarray(out), expected[:, t], atol=1e-5)
+        # the verify form after 9 tokens: a chain is the sequence's own continuation; a tree node
+        # (root 0; 1, 2 under 0; 3 under 1) convolves its own path only
+        history = conv.new_history(jnp.zeros((2, conv.history_len(KSIZE), H, D)), v[:, :9])
+        chain = conv.unfolded(v[:, 9:], weight, history, jnp.tril(jnp.ones((4, 4), bool)), jnp.arange(4))
+        np.testing.assert_allclose(np.asarray(chain), expected[:, 9:], atol=1e-5)
+        ancestors = jnp.asarray([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], bool)
+        tree = conv.unfolded(v[:, 9:], weight, history, ancestors, jnp.asarray([0, 1, 1, 2]))
+        for node, path in enumerate([[0], [0, 1], [0, 2], [0, 1, 3]]):
+            sequence = jnp.concatenate([v[:, :9], v[:, 9:][:, jnp.asarray(path)]], axis=1)
+            np.testing.assert_allclose(np.asarray(tree[:, node]), np.asarray(conv.conv(sequence, weight))[:, -1], atol=1e-5)
 
 
 # --------------------------------------------------------------------------- model level

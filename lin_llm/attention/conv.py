@@ -97,20 +97,27 @@ def step(v: jax.Array, weight: jax.Array, history: jax.Array) -> tuple[jax.Array
 def unfolded(v: jax.Array, weight: jax.Array, history: jax.Array, ancestors: jax.Array, depths: jax.Array):
     """Verify form: candidates v [B, m, H, Dv] in a tree (ancestors [m, m] incl. self, depths [m]).
 
-    Each candidate convolves its own root-to-node path, then the shared history (im2col-style
-    unfolding), so siblings never see each other.
+    Each candidate convolves its own root-to-node path, then the shared history, so siblings
+    never see each other. The taps are first folded into small mixing matrices (candidate i
+    from candidate j: [m, m, H, C]; from history row r: [m, K_eff-1, H, C]), so the [m, K_eff]
+    windows are never built.
     """
     taps = causal_taps(weight)  # [K, H, C]
     k_eff = taps.shape[0]
-    # path[i, s] = the candidate s steps back from i along its path (one-hot over candidates)
+    # path[i, s, j]: candidate j is s steps back from i along i's path
     lag_of = depths[:, None] - depths[None, :]  # [m, m]: how far back j is from i
     path = ancestors[:, None, :] & (lag_of[:, None, :] == jnp.arange(k_eff)[None, :, None])  # [m, K, m]
-    from_candidates = jnp.einsum("isj,bjhd->bishd", path.astype(F32), v.astype(F32))
-    # lags beyond a candidate's depth reach into the history: history[-1] is one step before depth 0
-    window = from_candidates  # [B, m, K, H, Dv]
-    if history.shape[1]:
-        hist_index = history.shape[1] - (jnp.arange(k_eff)[None, :] - depths[:, None])  # [m, K]
-        in_history = (jnp.arange(k_eff)[None, :] > depths[:, None]) & (hist_index >= 0)
-        gathered = history[:, jnp.clip(hist_index, 0, history.shape[1] - 1)].astype(F32)
-        window = window + jnp.where(in_history[None, :, :, None, None], gathered, 0.0)
-    return jnp.einsum("bishd,shd->bihd", window, jnp.broadcast_to(taps, (k_eff,) + v.shape[2:]))
+    out = _mix(jnp.einsum("isj,shc->ijhc", path.astype(F32), taps), v)
+    k1 = history.shape[1]
+    if k1:  # history row r (oldest first) is depths[i] + k1 - r steps back from candidate i
+        lag = depths[:, None] + k1 - jnp.arange(k1)[None, :]  # [m, K_eff-1]
+        from_history = jnp.where((lag < k_eff)[:, :, None, None], taps[jnp.minimum(lag, k_eff - 1)], 0.0)
+        out = out + _mix(from_history, history)
+    return out
+
+
+def _mix(weights: jax.Array, x: jax.Array) -> jax.Array:
+    """out[b, i] = sum_j weights[i, j] * x[b, j]: weights [m, n, H, 1 or Dv], x [B, n, H, Dv]."""
+    if weights.shape[-1] == 1:
+        return jnp.einsum("ijh,bjhd->bihd", weights[..., 0], x.astype(F32))
+    return jnp.einsum("ijhd,bjhd->bihd", weights, x.astype(F32))

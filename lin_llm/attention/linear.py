@@ -222,9 +222,9 @@ def commit(spec: LinearSpec, state: LinearState, kf, v, pos, n_accepted):
     k_seq = jnp.where(live, behind(state.k_group, kf, slot, g + m), 0.0)  # [B, G + m, H, F]
     v_seq = jnp.where(live, behind(state.v_group, v, slot, g + m), 0.0)
     completed = filled >= g
+    fold_group, keep = _fold_branches(spec.normalize)
+    s, z = jax.lax.cond(jnp.any(completed), fold_group, keep, state.s, state.z, k_seq[:, :g], v_seq[:, :g], completed)
     fold = completed[:, None, None, None]
-    s = state.s + jnp.where(fold, jnp.einsum("bghf,bghd->bhfd", k_seq[:, :g], v_seq[:, :g]), 0.0)
-    z = state.z + jnp.where(fold[..., 0], jnp.sum(k_seq[:, :g], axis=1), 0.0) if spec.normalize else state.z
 
     def next_buffer(seq):  # the completed group's overflow starts the next buffer
         overflow = jnp.pad(seq[:, g:], ((0, 0), (0, g - m), (0, 0), (0, 0)))
