@@ -1,4 +1,4 @@
-"""The main job, end to end on the embedded corpus (no network; about 9 minutes on 2 CPU cores).
+"""The main job, end to end on the embedded corpus (no network; about 10 minutes on 2 CPU cores).
 
 1. pretrain a small softmax LLaMA target on data/kjv.txt.xz   (configs/small.yaml)
 2. linearise it with the paper's `aug` attention and measure it before any fine-tuning

@@ -105,7 +105,7 @@ def latency_at_contexts(model, contexts, n_steps: int = 128, rounds: int = 5, ch
 def compare_decoding(target, prompt, max_new_tokens, *, draft=None, medusa_topk=None, gamma=4, repeats=3) -> dict:
     """Greedy plain vs speculative (with `draft`) or Medusa (with `medusa_topk`) decoding of one
     prompt: tokens/s of each, whether the outputs are identical, and the acceptance stats."""
-    plain = lambda: generate(target, [prompt], max_new_tokens)
+    run_plain = lambda: generate(target, [prompt], max_new_tokens)
     result = {"max_new_tokens": max_new_tokens}
     if draft is not None:
         run = lambda: speculative_generate(target, draft, [prompt], max_new_tokens, gamma=gamma)
@@ -114,9 +114,9 @@ def compare_decoding(target, prompt, max_new_tokens, *, draft=None, medusa_topk=
         run = lambda: medusa_generate(target, [prompt], max_new_tokens, topk=tuple(medusa_topk))
         name = "medusa"
     else:
-        seconds, _ = timed(plain, repeats)
+        seconds, _ = timed(run_plain, repeats)
         return {**result, "plain_tokens_per_s": round(max_new_tokens / seconds, 2)}
-    (plain_seconds, seconds), (plain, (tokens, stats)) = interleaved([plain, run], repeats)
+    (plain_seconds, seconds), (plain, (tokens, stats)) = interleaved([run_plain, run], repeats)
     result["plain_tokens_per_s"] = round(max_new_tokens / plain_seconds, 2)
     result.update({
         "mode": name,

@@ -104,6 +104,7 @@ def _speculative_output(full, n_out, max_new_tokens, eos_id):
         out = jnp.where(jnp.arange(max_new_tokens)[None, :] < n_out[:, None], out, eos_id)
     return _finish(out, eos_id)
 
+
 def _append_accepted(out, n_out, done, active, proposed, n_acc, new_last, *, stream, max_new_tokens, eos_id):
     """One speculative round's output: each active row gains its first n_acc proposed tokens
     [B, k], then new_last (the target's own token), written at its position n_out and streamed.
@@ -117,6 +118,7 @@ def _append_accepted(out, n_out, done, active, proposed, n_acc, new_last, *, str
         new_eos = jnp.any((tokens == eos_id) & (jnp.arange(tokens.shape[1])[None, :] <= n_acc[:, None]), axis=1)
         done = done | (active & new_eos)
     return out, n_out + jnp.where(active, n_acc + 1, 0), done
+
 
 # --------------------------------------------------------------------------- plain decoding
 

@@ -86,11 +86,8 @@ def step(v: jax.Array, weight: jax.Array, history: jax.Array) -> tuple[jax.Array
     """One token per row: v [B, H, Dv] -> output [B, H, Dv] and the updated history."""
     taps = causal_taps(weight)
     window = jnp.concatenate([history, v[:, None].astype(history.dtype)], axis=1)  # oldest first
-    oldest_first = taps[::-1]  # aligned with the window; reversing the taps is loop-invariant work
-    if oldest_first.shape[-1] == 1:  # per-head weights
-        out = jnp.einsum("bshd,sh->bhd", window.astype(F32), oldest_first[..., 0])
-    else:
-        out = jnp.einsum("bshd,shd->bhd", window.astype(F32), oldest_first)
+    # the taps reversed to the window's order (loop-invariant work, unlike reversing the window)
+    out = _mix(taps[::-1][None], window)[:, 0]
     return out, window[:, 1:]
 
 

@@ -267,9 +267,9 @@ def step(spec: LinearSpec, qf, kf, v, state: LinearState, pos, lam=1.0, alpha=1.
 @functools.cache
 def _fold_branches(normalize: bool):
     def fold(s, z, k_group, v_group, full):  # add the groups of the rows where full [B] to s, z
-        where = full[:, None, None, None]
-        s = s + jnp.where(where, jnp.einsum("bghf,bghd->bhfd", k_group, v_group), 0.0)
-        z = z + jnp.where(where[..., 0], jnp.sum(k_group, axis=1), 0.0) if normalize else z
+        rows = full[:, None, None, None]
+        s = s + jnp.where(rows, jnp.einsum("bghf,bghd->bhfd", k_group, v_group), 0.0)
+        z = z + jnp.where(rows[..., 0], jnp.sum(k_group, axis=1), 0.0) if normalize else z
         return s, z
 
     return fold, lambda s, z, *_: (s, z)
