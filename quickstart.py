@@ -23,15 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lin_llm import load_config
+from lin_llm import load_checkpoint, load_config
 from lin_llm.benchmarking import compare_decoding
-from lin_llm.checkpoint import load_checkpoint
-from lin_llm.config import ConfigError
-from lin_llm.data import DataError, load_corpus, val_batches
-from lin_llm.generation import speculative_generate
-from lin_llm.sharding import MeshError
+from lin_llm.data import load_corpus, val_batches
+from lin_llm.decoding import speculative_generate
+from lin_llm.errors import LinLLMError
 from lin_llm.tokenizer import ByteTokenizer
-from lin_llm.training import TrainError, evaluate_model, perplexity, train
+from lin_llm.training import evaluate_model, perplexity, train
 
 ROOT = Path(__file__).resolve().parent
 PROMPT = "In the beginning God"
@@ -89,7 +87,7 @@ def main(argv=None) -> int:
         draft_run = train(draft_cfg, resume=True, progress=progress)
         if draft_run.interrupted:
             return 130
-    except (ConfigError, DataError, MeshError, TrainError) as err:
+    except LinLLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

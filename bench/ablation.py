@@ -19,9 +19,8 @@ import argparse
 import time
 from pathlib import Path
 
-from lin_llm import load_config
+from lin_llm import load_checkpoint, load_config
 from lin_llm.benchmarking import write_result
-from lin_llm.checkpoint import load_checkpoint
 from lin_llm.data import load_corpus, val_batches
 from lin_llm.training import evaluate_model, perplexity, train
 

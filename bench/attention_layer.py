@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from lin_llm.attention import layer, presets, softmax
-from lin_llm.benchmarking import matmul_gflops, timed, write_result
 from lin_llm.attention.layer import layer_math
+from lin_llm.benchmarking import matmul_gflops, timed, write_result
 
 B, H, D = 1, 8, 64
 SOFTMAX_MAX_T = 8192  # its [H, T, T] scores at 16384 need ~9 GB per copy: beyond this machine
@@ -95,7 +95,8 @@ def plot(result, path: Path):
         ax_frac.semilogx([r["T"] for r in rows], [r["fraction_of_matmul"] for r in rows], style, label=name, base=2)
     ax_time.set(xlabel="sequence length T", ylabel="forward+backward (ms)", title="one attention layer, B=1 H=8 d=64")
     ax_frac.axhline(0.3, color="grey", lw=0.8, ls=":")
-    ax_frac.set(xlabel="sequence length T", ylabel="fraction of matmul GFLOP/s", title=f"matmul: {result['matmul_gflop_per_s']} GFLOP/s")
+    ax_frac.set(xlabel="sequence length T", ylabel="fraction of matmul GFLOP/s",
+                title=f"matmul: {result['matmul_gflop_per_s']} GFLOP/s")
     for ax in (ax_time, ax_frac):
         ax.legend()
         ax.grid(True, which="both", alpha=0.3)

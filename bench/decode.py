@@ -20,10 +20,9 @@ import numpy as np
 from tqdm import tqdm
 
 import lin_llm
-from lin_llm import benchmarking
-from lin_llm.checkpoint import load_checkpoint, save_model
-from lin_llm.convert import export_to_hf
-from lin_llm.generation import generate
+from lin_llm import benchmarking, load_checkpoint, save_model
+from lin_llm.decoding import generate
+from lin_llm.io.hf import export_to_hf
 
 
 def versus_transformers(cfg, prompt, new_tokens: int, repeats: int) -> dict:

@@ -83,7 +83,8 @@ def table(result: dict) -> str:
             lines.append(f"| {r['attention']} | {r['T']} | - | - | - | - | {r['skipped']} |")
             continue
         ratio = f"{r['xla_flops_per_step'] / r['model_flops_per_step']:.2f}" if r.get("xla_flops_per_step") else "-"
-        lines.append(f"| {r['attention']} | {r['T']} | {'yes' if r['remat'] else 'no'} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | "
+        remat = "yes" if r["remat"] else "no"
+        lines.append(f"| {r['attention']} | {r['T']} | {remat} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | "
                      f"{100 * r['mfu']:.1f}% | {ratio} |")
     return "\n".join(lines)
 

@@ -1,15 +1,16 @@
 """lin-llm: linearized LLaMA-family language models in JAX/Flax NNX."""
 
-from lin_llm.config import Config, ConfigError, ModelConfig, load_config
+from lin_llm.config import Config, ModelConfig, load_config
+from lin_llm.decoding import generate, medusa_generate, speculative_generate
+from lin_llm.errors import CheckpointError, ConfigError, LinLLMError
+from lin_llm.io import load_checkpoint, save_model
 from lin_llm.model import LlamaModel, build_model
-from lin_llm.checkpoint import CheckpointError, load_checkpoint, save_model
-from lin_llm.generation import generate, speculative_generate
-from lin_llm.medusa import medusa_generate
 
 __all__ = [
     "CheckpointError",
     "Config",
     "ConfigError",
+    "LinLLMError",
     "LlamaModel",
     "ModelConfig",
     "build_model",

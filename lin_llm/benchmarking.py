@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lin_llm.generation import generate, speculative_generate
-from lin_llm.medusa import medusa_generate
+from lin_llm.decoding import generate, medusa_generate, speculative_generate
 
 CONTEXTS = (256, 2048, 16384)
 

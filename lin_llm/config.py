@@ -1,7 +1,11 @@
 """Typed configuration: dataclasses loaded from YAML with ``key=value`` overrides.
 
 Every field is checked when the config is loaded, so a typo or an impossible combination
-fails before any work starts, with a message naming the field and what is allowed.
+fails before any work starts, with a message naming the field and what is allowed. What a
+field allows, and what else depends on it, is declared on the field itself (``spec``): the
+loader checks ranges and choices from that metadata, and training reads which fields a resumed
+run must keep, which ones the compiled step depends on and which a linearised checkpoint may
+change.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,38 +21,55 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config field is unknown, mistyped, out of range or inconsistent with another."""
-
+from lin_llm.attention import presets
+from lin_llm.errors import ConfigError
+from pallas_kernels import IMPL_FLAGS
 
 DTYPES = ("float32", "bfloat16")
-ROPE_TYPES = ("default", "linear", "llama3")
-ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
+
+
+def spec(default, *, check: str | None = None, choices: tuple | None = None, resume=False, step=False,
+         linearize=False):
+    """A dataclass field with its rules as metadata.
+
+    check: "positive" (> 0), "non_negative" (>= 0), "fraction" ([0, 1]), "unit" ([0, 1)) or "regex";
+    choices: the allowed values; resume: a resumed run must keep it (it changes the state or the
+    data order); step: the compiled train step depends on it; linearize: a checkpoint loaded with
+    train.init_from may differ in it (nothing with weights).
+    """
+    metadata = {"check": check, "choices": choices, "resume": resume, "step": step, "linearize": linearize}
+    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def field_names(cls, flag: str) -> tuple[str, ...]:
+    """The fields of ``cls`` whose metadata sets ``flag`` (resume, step or linearize)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(flag))
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """Rotary position embedding; ``type`` selects the frequency scaling (HF ``rope_type``)."""
 
-    theta: float = 10000.0
-    type: str = "default"
-    factor: float = 1.0  # linear and llama3
+    theta: float = spec(10000.0, check="positive")
+    type: str = spec("default", choices=("default", "linear", "llama3"))
+    factor: float = spec(1.0, check="positive")  # linear and llama3
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
-    original_max_len: int = 8192  # llama3: the pre-training context length
+    original_max_len: int = spec(8192, check="positive")  # llama3: the pre-training context length
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Options of the linear-attention presets (ignored by ``softmax``)."""
 
-    group_size: int = 64  # G: tokens per group of the grouped local+global attention
+    group_size: int = spec(64, check="positive")  # G: tokens per group of the grouped local+global attention
     conv_kernel_size: int = 63  # full kernel; its future half is masked, K_eff = (size + 1) // 2
     conv_per_channel: bool = False  # the original shares one filter per head
-    local_kernel: str = "relu2"  # "relu2" or "yoso"
-    eps: float = 1e-6  # L2-normalisation epsilon of q and k
-    feature_dim: int = 64  # random features of Performer FAVOR+
+    local_kernel: str = spec("relu2", choices=("relu2", "yoso"))
+    eps: float = spec(1e-6, check="positive")  # L2-normalisation epsilon of q and k
+    feature_dim: int = spec(64, check="positive")  # random features of Performer FAVOR+
     seed: int = 0  # seed of fixed random features
 
 
@@ -55,26 +77,27 @@ class AttentionConfig:
 class ModelConfig:
     """A LLaMA-family decoder. Field names follow the paper's notation, HF names in comments."""
 
-    vocab_size: int = 260
-    dim: int = 128  # hidden_size
-    n_layers: int = 2  # num_hidden_layers
-    n_heads: int = 4  # num_attention_heads
-    n_kv_heads: int = 2  # num_key_value_heads
-    head_dim: int = 0  # 0: dim // n_heads
-    ffn_dim: int = 256  # intermediate_size
-    max_seq_len: int = 1024  # max_position_embeddings
-    norm_eps: float = 1e-5  # rms_norm_eps
-    rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
+    vocab_size: int = spec(260, check="positive")
+    dim: int = spec(128, check="positive")  # hidden_size
+    n_layers: int = spec(2, check="positive")  # num_hidden_layers
+    n_heads: int = spec(4, check="positive")  # num_attention_heads
+    n_kv_heads: int = spec(2, check="positive")  # num_key_value_heads
+    head_dim: int = spec(0, check="non_negative")  # 0: dim // n_heads
+    ffn_dim: int = spec(256, check="positive")  # intermediate_size
+    max_seq_len: int = spec(1024, check="positive")  # max_position_embeddings
+    norm_eps: float = spec(1e-5, check="positive")  # rms_norm_eps
+    rope: RopeConfig = spec(RopeConfig())
     tie_embeddings: bool = False
-    init_std: float = 0.02  # initializer_range
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    attention: str = "softmax"
-    attention_impl: str = "auto"
-    la: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    init_std: float = spec(0.02, check="positive")  # initializer_range
+    param_dtype: str = spec("float32", choices=DTYPES)
+    compute_dtype: str = spec("float32", choices=DTYPES, linearize=True)
+    attention: str = spec("softmax", linearize=True)  # a name of lin_llm.attention.presets.NAMES
+    attention_impl: str = spec("auto", choices=IMPL_FLAGS, linearize=True)
+    la: AttentionConfig = spec(AttentionConfig(), linearize=True)
     bos_id: int | None = None
     eos_id: int | None = None
-    medusa_heads: int = 0  # extra heads predicting tokens t+2 .. t+1+medusa_heads (Medusa decoding)
+    # extra heads predicting tokens t+2 .. t+1+medusa_heads (Medusa decoding)
+    medusa_heads: int = spec(0, check="non_negative", linearize=True)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -85,46 +108,50 @@ class ModelConfig:
 class TrainConfig:
     """What train.py does (lin_llm.training). Batch sizes count sequences of ``seq_len`` tokens."""
 
-    steps: int = 200
-    batch_size: int = 8  # sequences per optimizer step, over all devices and hosts
-    seq_len: int = 128
-    grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum each, summed in one step)
+    steps: int = spec(200, check="positive", step=True)
+    batch_size: int = spec(8, check="positive", resume=True, step=True)  # sequences per step, all devices and hosts
+    seq_len: int = spec(128, check="positive", resume=True, step=True)
+    # micro-batches per step (batch_size / grad_accum each, summed in one step)
+    grad_accum: int = spec(1, check="positive", resume=True, step=True)
     # optimizer: AdamW, linear warm-up then the schedule, global-norm clipping
-    learning_rate: float = 1e-3
-    lr_schedule: str = "cosine"  # cosine | constant | linear (decay after warm-up)
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1  # cosine/linear decay to learning_rate * min_lr_ratio
-    weight_decay: float = 0.0  # on matrices (kernels, embeddings, LoRA) only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    remat: bool = False  # recompute each block's activations in the backward pass
-    objective: str = "lm"  # lm | medusa (the Medusa heads' loss; train.trainable=medusa) | lm+medusa
-    seed: int = 0  # parameter init and data order
+    learning_rate: float = spec(1e-3, check="positive", step=True)
+    lr_schedule: str = spec("cosine", choices=("cosine", "constant", "linear"), step=True)  # decay after warm-up
+    warmup_steps: int = spec(20, check="non_negative", step=True)
+    min_lr_ratio: float = spec(0.1, check="fraction", step=True)  # cosine/linear decay to learning_rate * this
+    weight_decay: float = spec(0.0, check="non_negative", step=True)  # on matrices (kernels, embeddings, LoRA) only
+    beta1: float = spec(0.9, check="unit", step=True)
+    beta2: float = spec(0.95, check="unit", step=True)
+    grad_clip: float = spec(1.0, check="non_negative", step=True)  # max global gradient norm; 0 = no clipping
+    remat: bool = spec(False, step=True)  # recompute each block's activations in the backward pass
+    # lm | medusa (the Medusa heads' loss; train.trainable=medusa) | lm+medusa
+    objective: str = spec("lm", choices=("lm", "medusa", "lm+medusa"), step=True)
+    seed: int = spec(0, resume=True)  # parameter init and data order
     # data
-    data: str = "data/kjv.txt.xz"  # local text/JSONL/parquet file(s): comma-separated, globs ok
-    dataset: str = ""  # a Hugging Face hub dataset name instead of train.data (needs network)
-    dataset_config: str = ""
-    dataset_split: str = "train"
-    text_field: str = "text"
-    tokenizer: str = "auto"  # auto (init_from's tokenizer.json, else bytes) | byte | DIR with tokenizer.json
-    val_fraction: float = 0.05  # documents held out for validation (a fixed split, seed-independent)
-    val_batches: int = 16  # validation batches (of batch_size sequences) per evaluation; 0 = the whole split
+    data: str = spec("data/kjv.txt.xz", resume=True)  # local text/JSONL/parquet file(s): comma-separated, globs
+    dataset: str = spec("", resume=True)  # a Hugging Face hub dataset name instead of train.data (needs network)
+    dataset_config: str = spec("", resume=True)
+    dataset_split: str = spec("train", resume=True)
+    text_field: str = spec("text", resume=True)
+    # auto (init_from's tokenizer.json, else bytes) | byte | DIR with tokenizer.json
+    tokenizer: str = spec("auto", resume=True)
+    # documents held out for validation (a fixed split, seed-independent)
+    val_fraction: float = spec(0.05, resume=True)
+    val_batches: int = spec(16, check="non_negative")  # validation batches (of batch_size sequences); 0 = all
     # what to start from and what trains
     init_from: str = ""  # lin_llm or HF checkpoint dir; model.* of this config may change attention only
-    trainable: str = ".*"  # regex (re.search) over param paths like layers.0.attn.wq.kernel
-    lora_rank: int = 0  # > 0: LoRA on the params matching lora_targets (frozen base + A B)
-    lora_alpha: float = 16.0
-    lora_targets: str = r"attn\.(wq|wk|wv|wo)\.kernel$"
+    trainable: str = spec(".*", check="regex", resume=True, step=True)  # re.search over paths like layers.0.attn.wq.kernel
+    lora_rank: int = spec(0, check="non_negative", resume=True, step=True)  # > 0: LoRA on lora_targets (frozen base + A B)
+    lora_alpha: float = spec(16.0, check="positive", resume=True, step=True)
+    lora_targets: str = spec(r"attn\.(wq|wk|wv|wo)\.kernel$", check="regex", resume=True, step=True)
     # attention-transfer distillation before fine-tuning (LoLCATs): per-layer MSE to softmax
-    distill_steps: int = 0
-    distill_learning_rate: float = 1e-2
-    distill_trainable: str = ""  # regex; empty = the linear-attention params a softmax model lacks
+    distill_steps: int = spec(0, check="non_negative")
+    distill_learning_rate: float = spec(1e-2, check="positive")
+    distill_trainable: str = spec("", check="regex")  # empty = the linear-attention params a softmax model lacks
     # eval, checkpoints, logging
-    eval_every: int = 100  # 0 = only at the end
-    save_every: int = 100  # 0 = only at the end (and on Ctrl-C)
-    keep_checkpoints: int = 3
-    log_every: int = 10
+    eval_every: int = spec(100, check="non_negative")  # 0 = only at the end
+    save_every: int = spec(100, check="non_negative")  # 0 = only at the end (and on Ctrl-C)
+    keep_checkpoints: int = spec(3, check="positive")
+    log_every: int = spec(10, check="positive")
     output_dir: str = "runs/default"
     export_model: bool = True  # write output_dir/model (a lin_llm checkpoint) at the end
 
@@ -139,22 +166,18 @@ class MeshConfig:
     # multi-host: jax.distributed.initialize() is called when coordinator is set here, when the
     # JAX_COORDINATOR_ADDRESS environment variable is, or on a recognised cluster (TPU pod, SLURM)
     coordinator: str = ""  # host:port of process 0
-    num_processes: int = 0  # 0 = from the environment
+    num_processes: int = spec(0, check="non_negative")  # 0 = from the environment
     process_id: int = -1  # -1 = from the environment
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    model: ModelConfig = spec(ModelConfig())
+    train: TrainConfig = spec(TrainConfig())
+    mesh: MeshConfig = spec(MeshConfig())
 
 
 # --------------------------------------------------------------------------- building
-
-
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
@@ -170,25 +193,14 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, name)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
             return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - a field with an annotation this loader does not know
-        raise TypeError(f"unsupported config annotation {tp} for {name}")
+        except ValueError:
+            pass
+    accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[tp]
+    if isinstance(value, accepted) and (tp is bool or not isinstance(value, bool)):
+        return float(value) if tp is float else value
     raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
 
 
@@ -200,7 +212,7 @@ def _unknown_field(cls, key: str, prefix: str) -> ConfigError:
 
 
 def _build(cls, values: dict, prefix: str = ""):
-    hints = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
@@ -223,7 +235,12 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form section.field=value (e.g. model.n_layers=4)")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return key.strip(), ""
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:  # not a YAML value (e.g. the regex "[lm]_head"): the text itself
+        return key.strip(), raw
 
 
 def config_to_dict(cfg) -> dict:
@@ -247,7 +264,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist (the shipped ones are in configs/)")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, train, mesh), got {type(values).__name__}")
     return config_from_dict(values, overrides)
@@ -259,11 +279,20 @@ def model_config_from_dict(values: dict) -> ModelConfig:
     return cfg
 
 
-def save_yaml(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+def override_model_config(cfg: ModelConfig, overrides: typing.Sequence[str]) -> ModelConfig:
+    """``cfg`` with model-config overrides (``attention=aug`` or ``model.attention=aug``)."""
+    prefixed = [item if item.startswith("model.") else f"model.{item}" for item in overrides]
+    return config_from_dict({"model": config_to_dict(cfg)}, prefixed).model
 
 
 # --------------------------------------------------------------------------- validation
+
+_CHECKS = {
+    "positive": (lambda v: v > 0, "must be > 0"),
+    "non_negative": (lambda v: v >= 0, "must be >= 0"),
+    "fraction": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "unit": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+}
 
 
 def _require(ok: bool, message: str) -> None:
@@ -271,22 +300,28 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _choice(value: str, allowed: typing.Sequence[str], name: str) -> None:
-    _require(value in allowed, f"{name}={value!r} is not valid; choose one of: {', '.join(allowed)}")
-
-
-def _positive(value, name: str) -> None:
-    _require(value > 0, f"{name}={value} must be > 0")
+def _check_fields(section, prefix: str) -> None:
+    """The rules declared on each field (spec), recursing into nested sections."""
+    for f in dataclasses.fields(section):
+        value, name = getattr(section, f.name), f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, name)
+            continue
+        check, choices = f.metadata.get("check"), f.metadata.get("choices")
+        if choices is not None:
+            _require(value in choices, f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+        if check == "regex":
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ConfigError(f"{name}={value!r} is not a valid regular expression: {err}") from None
+        elif check is not None:
+            ok, rule = _CHECKS[check]
+            _require(ok(value), f"{name}={value} {rule}")
 
 
 def validate_model(m: ModelConfig) -> None:
-    from lin_llm.attention import presets  # the registry of mixers lives with the math
-
-    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
-        _positive(getattr(m, name), f"model.{name}")
-    _positive(m.norm_eps, "model.norm_eps")
-    _positive(m.init_std, "model.init_std")
-    _require(m.head_dim >= 0, f"model.head_dim={m.head_dim} must be >= 0 (0 means dim // n_heads)")
+    _check_fields(m, "model")
     if m.head_dim == 0:
         _require(
             m.dim % m.n_heads == 0,
@@ -297,78 +332,39 @@ def validate_model(m: ModelConfig) -> None:
         f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} (grouped-query attention)",
     )
     _require(m.resolved_head_dim % 2 == 0, f"model.head_dim={m.resolved_head_dim} must be even for RoPE")
-    _choice(m.param_dtype, DTYPES, "model.param_dtype")
-    _choice(m.compute_dtype, DTYPES, "model.compute_dtype")
-    _choice(m.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
-    presets.validate_name(m.attention)
-    _choice(m.rope.type, ROPE_TYPES, "model.rope.type")
-    _positive(m.rope.theta, "model.rope.theta")
-    _positive(m.rope.factor, "model.rope.factor")
+    _require(
+        m.attention in presets.NAMES,
+        f"model.attention={m.attention!r} is not a known preset; choose one of: {', '.join(presets.NAMES)}",
+    )
     if m.rope.type == "llama3":
         _require(
             m.rope.high_freq_factor > m.rope.low_freq_factor,
             f"model.rope.high_freq_factor={m.rope.high_freq_factor} must exceed "
             f"model.rope.low_freq_factor={m.rope.low_freq_factor}",
         )
-        _positive(m.rope.original_max_len, "model.rope.original_max_len")
-    la = m.la
-    _positive(la.group_size, "model.la.group_size")
     _require(
-        la.conv_kernel_size >= 1 and la.conv_kernel_size % 2 == 1,
-        f"model.la.conv_kernel_size={la.conv_kernel_size} must be a positive odd number "
+        m.la.conv_kernel_size >= 1 and m.la.conv_kernel_size % 2 == 1,
+        f"model.la.conv_kernel_size={m.la.conv_kernel_size} must be a positive odd number "
         "(the future half of a centred kernel is masked)",
     )
-    _choice(la.local_kernel, ("relu2", "yoso"), "model.la.local_kernel")
-    _positive(la.eps, "model.la.eps")
-    _positive(la.feature_dim, "model.la.feature_dim")
-    _require(m.medusa_heads >= 0, f"model.medusa_heads={m.medusa_heads} must be >= 0")
     for name in ("bos_id", "eos_id"):
         tok = getattr(m, name)
         _require(tok is None or 0 <= tok < m.vocab_size, f"model.{name}={tok} must be in [0, vocab_size={m.vocab_size})")
 
 
-LR_SCHEDULES = ("cosine", "constant", "linear")
-
-
-def _regex(value: str, name: str) -> None:
-    import re
-
-    try:
-        re.compile(value)
-    except re.error as err:
-        raise ConfigError(f"{name}={value!r} is not a valid regular expression: {err}") from None
-
-
-def validate(cfg: Config) -> None:
-    validate_model(cfg.model)
+def _validate_train(cfg: Config) -> None:
     t = cfg.train
-    for name in ("steps", "batch_size", "seq_len", "grad_accum", "keep_checkpoints", "log_every"):
-        _positive(getattr(t, name), f"train.{name}")
-    _positive(t.learning_rate, "train.learning_rate")
-    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
-    _choice(t.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
-    _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
-    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
-    _choice(t.objective, ("lm", "medusa", "lm+medusa"), "train.objective")
+    _check_fields(t, "train")
     _require(
         "medusa" not in t.objective or cfg.model.medusa_heads > 0,
         f"train.objective={t.objective!r} trains Medusa heads; set model.medusa_heads > 0 (e.g. 4)",
     )
-    for name in ("beta1", "beta2"):
-        _require(0.0 <= getattr(t, name) < 1.0, f"train.{name}={getattr(t, name)} must be in [0, 1)")
-    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 turns clipping off)")
     _require(
         t.batch_size % t.grad_accum == 0,
         f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size} "
         "(each step sums grad_accum micro-batches of equal size)",
     )
     _require(0.0 < t.val_fraction < 1.0, f"train.val_fraction={t.val_fraction} must be in (0, 1)")
-    for name in ("val_batches", "eval_every", "save_every", "lora_rank", "distill_steps"):
-        _require(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must be >= 0")
-    _positive(t.lora_alpha, "train.lora_alpha")
-    _positive(t.distill_learning_rate, "train.distill_learning_rate")
-    for name in ("trainable", "lora_targets", "distill_trainable"):
-        _regex(getattr(t, name), f"train.{name}")
     _require(bool(t.data or t.dataset), "train.data is empty: give a local text/JSONL/parquet file or set train.dataset")
     _require(t.text_field != "", "train.text_field must name the column that holds the text")
     _require(
@@ -386,12 +382,18 @@ def validate(cfg: Config) -> None:
         f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
         "lower train.seq_len or raise model.max_seq_len",
     )
-    axes = {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp, "mesh.tensor": cfg.mesh.tensor}
+
+
+def _validate_mesh(mesh: MeshConfig) -> None:
+    _check_fields(mesh, "mesh")
+    axes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor}
     for name, size in axes.items():
         _require(size == -1 or size >= 1, f"{name}={size} must be >= 1, or -1 to take the remaining devices")
-    _require(
-        sum(size == -1 for size in axes.values()) <= 1,
-        "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1",
-    )
-    _require(cfg.mesh.num_processes >= 0, f"mesh.num_processes={cfg.mesh.num_processes} must be >= 0 (0 = from the environment)")
-    _require(cfg.mesh.process_id >= -1, f"mesh.process_id={cfg.mesh.process_id} must be >= 0, or -1 for the environment's")
+    _require(sum(size == -1 for size in axes.values()) <= 1, "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    _require(mesh.process_id >= -1, f"mesh.process_id={mesh.process_id} must be >= 0, or -1 for the environment's")
+
+
+def validate(cfg: Config) -> None:
+    validate_model(cfg.model)
+    _validate_train(cfg)
+    _validate_mesh(cfg.mesh)

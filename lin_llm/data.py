@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from lin_llm.config import ModelConfig, TrainConfig
-from lin_llm.tokenizer import ByteTokenizer, HFTokenizer
+from lin_llm.errors import DataError
+from lin_llm.tokenizer import ByteTokenizer, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPRESSION = (".gz", ".xz", ".bz2", ".zst", ".lz4")
@@ -36,8 +37,6 @@ MIN_DOCS_FOR_DOC_SPLIT = 20  # fewer documents: hold out the tail of the token s
 SPLIT_SEED = 20240607  # the validation split does not depend on train.seed
 
 
-class DataError(ValueError):
-    """The data source is missing, empty, unreadable or too small for the requested batches."""
 
 
 # --------------------------------------------------------------------------- sources
@@ -82,7 +81,7 @@ def file_format(path: Path) -> str:
 
 def load_documents(t: TrainConfig, cache_dir: str | Path | None = None) -> list[str]:
     """The documents (strings) of the configured source, empty ones dropped."""
-    import datasets
+    import datasets  # here, not at the top: a heavy import (pyarrow, fsspec) only reading a corpus needs
 
     datasets.disable_progress_bars()
     cache = str(cache_dir) if cache_dir else None
@@ -121,27 +120,16 @@ def load_documents(t: TrainConfig, cache_dir: str | Path | None = None) -> list[
     return docs
 
 
-def load_tokenizer(t: TrainConfig, model: ModelConfig):
+def training_tokenizer(t: TrainConfig, model: ModelConfig):
     """train.tokenizer: byte | auto (init_from's tokenizer.json, else bytes) | a directory."""
     if t.tokenizer == "byte":
         tok = ByteTokenizer()
     else:
         directory = t.init_from if t.tokenizer == "auto" else t.tokenizer
-        path = Path(directory) / "tokenizer.json" if directory else None
-        if path is not None and path.is_file():
-            tok = HFTokenizer(path, model.bos_id, model.eos_id)
-        elif path is not None and (path.parent / "tokenizer.model").is_file():
-            # a SentencePiece-only LLaMA directory: falling back to bytes would silently mis-tokenise
-            raise DataError(
-                f"{directory} has a SentencePiece tokenizer.model but no tokenizer.json, which is what training "
-                f"reads; write one next to it with transformers (AutoTokenizer.from_pretrained({str(directory)!r})"
-                f".save_pretrained({str(directory)!r}), needs the sentencepiece package), or set train.tokenizer "
-                "to a directory with a tokenizer.json"
-            )
-        elif t.tokenizer == "auto":
-            tok = ByteTokenizer()
-        else:
-            raise DataError(f"train.tokenizer={t.tokenizer!r}: no tokenizer.json there; give a directory with one, or 'byte'")
+        try:
+            tok = load_tokenizer(directory, model.bos_id, model.eos_id, required=t.tokenizer != "auto")
+        except DataError as err:
+            raise DataError(f"train.tokenizer={t.tokenizer!r}: {err}, or set train.tokenizer=byte") from None
     if tok.vocab_size > model.vocab_size:
         raise DataError(
             f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size={model.vocab_size}; "
@@ -222,7 +210,7 @@ _CORPORA: dict = {}  # in-process memo: runs in one process (tests, the ablation
 
 def load_corpus(t: TrainConfig, model: ModelConfig, cache_dir=None) -> tuple[Corpus, object]:
     """(corpus, tokenizer) of the config's source."""
-    tokenizer = load_tokenizer(t, model)
+    tokenizer = training_tokenizer(t, model)
     key = None
     if not t.dataset:
         files = resolve_files(t.data)

@@ -128,26 +128,34 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)). ``attend`` and ``finish``
+    are its two halves, so distillation can feed one block's attention output into another's MLP."""
+
     def __init__(self, cfg: ModelConfig, layer_index: int, rngs: nnx.Rngs):
         self.attn_norm = _rms_norm(cfg, rngs)
         self.attn = Attention(cfg, layer_index, rngs)
         self.mlp_norm = _rms_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def _finish(self, x, h):
+    def attend(self, x, positions):
+        """The attention branch's output (before the residual add)."""
+        return self.attn(self.attn_norm(x), positions)
+
+    def finish(self, x, h):
+        """The block's output given the attention branch's output h."""
         x = x + h
         return x + self.mlp(self.mlp_norm(x))
 
     def __call__(self, x, positions):
-        return self._finish(x, self.attn(self.attn_norm(x), positions))
+        return self.finish(x, self.attend(x, positions))
 
     def extend(self, x, positions, layer_state, pos, lengths=None):
         h, layer_state = self.attn.extend(self.attn_norm(x), positions, layer_state, pos, lengths)
-        return self._finish(x, h), layer_state
+        return self.finish(x, h), layer_state
 
     def verify(self, x, positions, layer_state, pos, ancestors, depths):
         h, pending = self.attn.verify(self.attn_norm(x), positions, layer_state, pos, ancestors, depths)
-        return self._finish(x, h), pending
+        return self.finish(x, h), pending
 
 
 class LlamaModel(nnx.Module):
@@ -174,7 +182,8 @@ class LlamaModel(nnx.Module):
             ]
         )
 
-    def _project(self, h):
+    def logits(self, h):
+        """fp32 logits [..., V] of final (normalised) hidden states: lm_head, or the tied embedding."""
         if self.lm_head is not None:
             return self.lm_head(h).astype(jnp.float32)
         emb = self.embed.embedding[...].astype(h.dtype)
@@ -183,19 +192,29 @@ class LlamaModel(nnx.Module):
     def medusa_logits(self, hidden: jax.Array) -> jax.Array:
         """Logits [B, T, medusa_heads, V] of the Medusa heads from final hidden states [B, T, dim]
         (as returned with ``return_hidden=True``): head i predicts position t + i + 2."""
-        return jnp.stack([self._project(hidden + jax.nn.silu(head(hidden))) for head in self.medusa], axis=2)
+        return jnp.stack([self.logits(hidden + jax.nn.silu(head(hidden))) for head in self.medusa], axis=2)
 
-    def hidden(self, input_ids: jax.Array) -> jax.Array:
-        """Final (normalised) hidden states [B, T, dim] of a whole sequence."""
+    def hidden(self, input_ids: jax.Array, *, remat: bool = False, constrain=None) -> jax.Array:
+        """Final (normalised) hidden states [B, T, dim] of a whole sequence.
+
+        remat recomputes each block in the backward pass; constrain(x), if given, is applied to the
+        activations after each block (training passes its sharding constraint).
+        """
         b, t = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         x = self.embed(input_ids)
         for block in self.layers:
-            x = block(x, positions)
+            if remat:
+                graphdef, state = nnx.split(block)
+                x = jax.checkpoint(lambda st, h, p: nnx.merge(graphdef, st)(h, p))(state, x, positions)
+            else:
+                x = block(x, positions)
+            if constrain is not None:
+                x = constrain(x)
         return self.norm(x)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
-        return self._project(self.hidden(input_ids))
+        return self.logits(self.hidden(input_ids))
 
     def init_state(self, batch_size: int, max_len: int) -> DecodeState:
         """An empty decoding state. Softmax preallocates a KV cache of max_len; linear attention's
@@ -225,8 +244,8 @@ class LlamaModel(nnx.Module):
         hidden = self.norm(x)
         new_state = DecodeState(layers=tuple(new_layers), pos=state.pos + advance)
         if return_hidden:
-            return hidden, self._project(hidden), new_state
-        return self._project(hidden), new_state
+            return hidden, self.logits(hidden), new_state
+        return self.logits(hidden), new_state
 
     def step(self, token_ids: jax.Array, state: DecodeState) -> tuple[jax.Array, DecodeState]:
         """Consume one token per row, token_ids [B]; logits [B, V] and the new state."""
@@ -251,8 +270,8 @@ class LlamaModel(nnx.Module):
             pending.append(layer_pending)
         hidden = self.norm(x)
         if return_hidden:
-            return hidden, self._project(hidden), tuple(pending)
-        return self._project(hidden), tuple(pending)
+            return hidden, self.logits(hidden), tuple(pending)
+        return self.logits(hidden), tuple(pending)
 
     def commit(self, state: DecodeState, pending, path: jax.Array, n_accepted: jax.Array) -> DecodeState:
         """The state after accepting candidates path[:, :n_accepted] (indices into the verified
@@ -293,3 +312,41 @@ def new_param_defaults(cfg: ModelConfig) -> dict:
 def abstract_model(cfg: ModelConfig) -> LlamaModel:
     """The model's structure with ShapeDtypeStruct leaves: no memory, for restoring into."""
     return nnx.eval_shape(lambda: LlamaModel(cfg, rngs=nnx.Rngs(0)))
+
+
+# --------------------------------------------------------------------------- flat params
+# Checkpoints, training and LoRA see the params as one flat dict {"layers.0.attn.wq.kernel": array}.
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"layers": {0: {"attn": ...}}} -> {"layers.0.attn...": leaf}."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: dict[str, object]) -> dict:
+    """The inverse of flatten (digit parts become the int keys of nnx.List)."""
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = [int(p) if p.isdigit() else p for p in name.split(".")]
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def flat_params(model: LlamaModel) -> dict[str, jax.Array]:
+    """The model's parameters as {"layers.0.attn.wq.kernel": array, ...}."""
+    return flatten(nnx.state(model, nnx.Param).to_pure_dict())
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """{flat name: ShapeDtypeStruct} of the model of ``cfg``, without allocating it."""
+    return flat_params(abstract_model(cfg))

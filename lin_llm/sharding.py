@@ -8,7 +8,7 @@ mesh axes, as MaxText does:
 
 So FSDP shards every matrix along the model width and the batch along data x fsdp; tensor
 parallelism splits heads, the MLP hidden width and the vocabulary. A dimension that the mesh
-axis does not divide stays replicated (reported by ``describe``). The same code runs on one
+axis does not divide stays replicated. The same code runs on one
 CPU device, 8 fake CPU devices, several hosts, and a TPU pod slice.
 """
 
@@ -17,19 +17,19 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lin_llm.config import MeshConfig
+from lin_llm.errors import MeshError
 
 AXES = ("data", "fsdp", "tensor")
 
 
-class MeshError(ValueError):
-    """The mesh does not fit the devices, or the batch does not fit the mesh."""
 
 
 # --------------------------------------------------------------------------- rules
@@ -110,11 +110,6 @@ def param_sharding(mesh: Mesh, name: str, shape: Sequence[int]) -> NamedSharding
     return NamedSharding(mesh, logical_to_spec(mesh, param_logical_axes(name, len(shape)), shape))
 
 
-def param_shardings(mesh: Mesh, shapes: Mapping[str, object]) -> dict[str, NamedSharding]:
-    """{name: NamedSharding} for a flat {name: array or ShapeDtypeStruct} dict."""
-    return {name: param_sharding(mesh, name, x.shape) for name, x in shapes.items()}
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -129,9 +124,10 @@ def constrain(x, mesh: Mesh, *logical: str | None):
     return jax.lax.with_sharding_constraint(x, named(mesh, *logical, shape=x.shape))
 
 
-def describe(mesh: Mesh, shapes: Mapping[str, object]) -> list[str]:
-    """Human-readable placement of each param (name, shape, spec)."""
-    return [f"{name} {tuple(x.shape)} -> {param_sharding(mesh, name, x.shape).spec}" for name, x in shapes.items()]
+def place(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array with ``sharding`` from a host array every process holds whole: each
+    process fills only its own devices' shards."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 # --------------------------------------------------------------------------- mesh

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 
-from lin_llm.hf_reference import save_tiny_hf_llama  # noqa: E402
+from hf_reference import save_tiny_hf_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def hf_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def converted(hf_dirs, tmp_path_factory):
     """Each HF directory converted once with lin_llm.convert: {name: our checkpoint dir}."""
-    from lin_llm.convert import convert_hf_to_checkpoint
+    from lin_llm.io.hf import convert_hf_to_checkpoint
 
     root = tmp_path_factory.mktemp("converted")
     out = {}

@@ -4,9 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import lin_llm.checkpoint as checkpoint
-from lin_llm import build_model, load_config
-from lin_llm.checkpoint import CheckpointError, load_checkpoint, save_model
+from lin_llm import CheckpointError, build_model, load_checkpoint, load_config, save_model
+from lin_llm.io import checkpoint
 
 
 @pytest.fixture(scope="module")

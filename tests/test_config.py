@@ -15,7 +15,8 @@ def test_shipped_configs_load(path):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(CONFIGS[0].parent / "tiny.yaml", ["model.n_layers=3", "model.rope.theta=500000", "train.learning_rate=3e-4"])
+    overrides = ["model.n_layers=3", "model.rope.theta=500000", "train.learning_rate=3e-4"]
+    cfg = load_config(CONFIGS[0].parent / "tiny.yaml", overrides)
     assert cfg.model.n_layers == 3 and cfg.model.rope.theta == 500000.0 and cfg.train.learning_rate == 3e-4
     assert isinstance(cfg.model.rope.theta, float)
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from lin_llm.checkpoint import CheckpointError
-from lin_llm.convert import convert_hf_to_checkpoint
+from lin_llm.errors import CheckpointError
+from lin_llm.io.hf import convert_hf_to_checkpoint
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lin_llm import load_config
 from lin_llm import data as D
+from lin_llm import load_config
 from lin_llm.tokenizer import ByteTokenizer, HFTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,25 +92,25 @@ def test_a_checkpoints_hf_tokenizer(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
     cfg = _train_cfg(f"train.tokenizer={tmp_path}", "model.vocab_size=260")
-    loaded = D.load_tokenizer(cfg.train, cfg.model)
+    loaded = D.training_tokenizer(cfg.train, cfg.model)
     assert isinstance(loaded, HFTokenizer)
     assert loaded.encode("in the beginning god") == [1, 2, 3, 4]
     # "auto" takes the tokenizer of train.init_from
-    auto = D.load_tokenizer(_train_cfg(f"train.init_from={tmp_path}").train, cfg.model)
+    auto = D.training_tokenizer(_train_cfg(f"train.init_from={tmp_path}").train, cfg.model)
     assert isinstance(auto, HFTokenizer)
     with pytest.raises(D.DataError, match=r"the tokenizer has 260 tokens but model.vocab_size=100"):
-        D.load_tokenizer(_train_cfg("train.tokenizer=byte", "model.vocab_size=100", "model.bos_id=1",
+        D.training_tokenizer(_train_cfg("train.tokenizer=byte", "model.vocab_size=100", "model.bos_id=1",
                                     "model.eos_id=2").train, _train_cfg("model.vocab_size=100", "model.bos_id=1",
                                                                         "model.eos_id=2").model)
     with pytest.raises(D.DataError, match="no tokenizer.json there"):
-        D.load_tokenizer(_train_cfg(f"train.tokenizer={tmp_path / 'nope'}").train, cfg.model)
+        D.training_tokenizer(_train_cfg(f"train.tokenizer={tmp_path / 'nope'}").train, cfg.model)
     # a SentencePiece-only directory is refused, not silently read as bytes
     spm = tmp_path / "spm"
     spm.mkdir()
     (spm / "tokenizer.model").write_bytes(b"\x0a\x00")
     for option in ("train.tokenizer=auto", f"train.tokenizer={spm}"):
         with pytest.raises(D.DataError, match=r"SentencePiece tokenizer.model but no tokenizer.json.*save_pretrained"):
-            D.load_tokenizer(_train_cfg(f"train.init_from={spm}", option).train, cfg.model)
+            D.training_tokenizer(_train_cfg(f"train.init_from={spm}", option).train, cfg.model)
 
 
 def test_a_hub_dataset_that_cannot_be_loaded_says_what_to_change(tmp_path):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lin_llm.checkpoint import load_checkpoint
+from lin_llm import load_checkpoint
 
 _step = nnx.jit(lambda model, tokens, state: model.step(tokens, state))
 _prefill = nnx.jit(lambda model, ids, state: model.prefill(ids, state))

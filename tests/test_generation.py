@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lin_llm.checkpoint import load_checkpoint
-from lin_llm.generation import generate, process_logits
+from lin_llm import load_checkpoint
+from lin_llm.decoding import generate, process_logits
 
 
 @pytest.fixture(scope="module")

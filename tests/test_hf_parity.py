@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from lin_llm.hf_reference import hf_logits, save_tiny_hf_llama
-from lin_llm.checkpoint import load_checkpoint
-from lin_llm.convert import convert_hf_to_checkpoint, export_to_hf
+from hf_reference import hf_logits, save_tiny_hf_llama
+from lin_llm import load_checkpoint
+from lin_llm.io.hf import convert_hf_to_checkpoint, export_to_hf
 
 IDS = np.random.RandomState(0).randint(0, 97, size=(2, 48))
 

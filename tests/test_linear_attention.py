@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import lin_llm
+from lin_llm import CheckpointError, load_checkpoint, save_model
 from lin_llm.attention import conv, layer, presets
 from lin_llm.attention.layer import layer_math
-from lin_llm.checkpoint import CheckpointError, load_checkpoint, save_model
+from models import tiny_model
 from state_utils import assert_states_close
 
 LINEAR = [name for name in presets.NAMES if name != "softmax"]
@@ -161,20 +161,10 @@ def test_conv_matches_a_direct_loop_and_masks_the_future():
 MODEL_G = 4
 
 
-@functools.lru_cache(maxsize=None)
 def _model(name, compute_dtype="float32"):
-    cfg = lin_llm.load_config(None, [
-        "model.n_layers=1", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64",
-        "model.vocab_size=50", "model.max_seq_len=64", "train.seq_len=64", "model.init_std=0.3",
-        f"model.attention={name}", f"model.la.group_size={MODEL_G}", "model.la.conv_kernel_size=7",
-        "model.la.feature_dim=16", f"model.compute_dtype={compute_dtype}",
-    ]).model
-    model = lin_llm.build_model(cfg, seed=1)
-    attn = model.layers[0].attn
-    for i, extra in enumerate(attn.extra):  # move the fresh-init params away from their zeros/ones
-        param = getattr(attn, extra)
-        param[...] = param[...] + 0.3 * jax.random.normal(jax.random.key(i), param[...].shape)
-    return model
+    return tiny_model("model.n_layers=1", "model.vocab_size=50", "model.max_seq_len=64", "train.seq_len=64",
+                      f"model.attention={name}", f"model.la.group_size={MODEL_G}", "model.la.feature_dim=16",
+                      f"model.compute_dtype={compute_dtype}", seed=1)
 
 
 _prefill = nnx.jit(lambda model, ids, state: model.prefill(ids, state))

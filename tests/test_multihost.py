@@ -11,11 +11,13 @@ from pathlib import Path
 import jax
 import pytest
 
-from lin_llm import load_config
-from lin_llm.checkpoint import load_checkpoint
-from lin_llm.checkpoint import flat_params
+from lin_llm import load_checkpoint, load_config
+from lin_llm.model import flat_params
 from lin_llm.sharding import maybe_initialize_distributed
 from lin_llm.training import Trainer
+
+# on 8 fake CPU devices, in a pytest process of their own (see the Makefile)
+pytestmark = pytest.mark.multidevice
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = [

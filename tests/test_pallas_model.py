@@ -13,21 +13,15 @@ from flax import nnx
 import lin_llm
 import lin_llm.model
 import pallas_kernels
+from models import tiny_model
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 260, size=(2, 70)))  # 70: not a multiple of G
 
 
 def _model(name, impl):
-    cfg = lin_llm.load_config(None, [
-        "model.n_layers=1", "model.dim=64", f"model.attention={name}", f"model.attention_impl={impl}",
-        "model.la.group_size=16", "model.init_std=0.3",
-    ]).model
-    model = lin_llm.build_model(cfg, seed=0)
-    attn = model.layers[0].attn
-    for i, extra in enumerate(attn.extra):
-        param = getattr(attn, extra)
-        param[...] = param[...] + 0.3 * jax.random.normal(jax.random.key(i), param[...].shape)
-    return model
+    return tiny_model("model.n_layers=1", "model.dim=64", "model.vocab_size=260", "model.max_seq_len=1024",
+                      f"model.attention={name}", f"model.attention_impl={impl}", "model.la.group_size=16",
+                      "model.la.conv_kernel_size=63", seed=0)
 
 
 def _loss(model, ids):

@@ -11,26 +11,16 @@ from flax import nnx
 from scipy import stats
 
 import lin_llm
-from lin_llm.generation import generate, process_logits, speculative_generate
-from lin_llm.medusa import build_tree, medusa_generate, medusa_loss
+from lin_llm.decoding import build_tree, generate, medusa_generate, medusa_loss, process_logits, speculative_generate
+from models import tiny_model
 from state_utils import assert_states_close
 
 GROUP = 4
 
 
-@functools.lru_cache(maxsize=None)
 def _model(attention, seed, n_layers=2, vocab=64):
-    cfg = lin_llm.load_config(None, [
-        f"model.n_layers={n_layers}", f"model.attention={attention}", f"model.la.group_size={GROUP}",
-        "model.la.conv_kernel_size=7", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64",
-        f"model.vocab_size={vocab}", "model.max_seq_len=96", "train.seq_len=96", "model.init_std=0.3",
-    ]).model
-    model = lin_llm.build_model(cfg, seed=seed)
-    for block in model.layers:  # the conv and alpha start at zero: make them act
-        for i, name in enumerate(block.attn.extra):
-            param = getattr(block.attn, name)
-            param[...] = param[...] + 0.3 * jax.random.normal(jax.random.key(seed + i), param[...].shape)
-    return model
+    return tiny_model(f"model.n_layers={n_layers}", f"model.attention={attention}", f"model.la.group_size={GROUP}",
+                      f"model.vocab_size={vocab}", seed=seed)
 
 
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7]]  # ragged, right-padded inside
@@ -104,7 +94,8 @@ def _exact_joint(model, prompt, n_tokens, temperature, top_k):
 
 @pytest.mark.parametrize(
     "gamma, temperature, top_k",
-    [(1, 1.0, None), pytest.param(2, 1.0, None, marks=pytest.mark.slow), (2, 1.0, 3), pytest.param(3, 0.7, 4, marks=pytest.mark.slow)],
+    [(1, 1.0, None), pytest.param(2, 1.0, None, marks=pytest.mark.slow), (2, 1.0, 3),
+     pytest.param(3, 0.7, 4, marks=pytest.mark.slow)],
 )
 def test_speculative_sampling_matches_the_target_distribution(gamma, temperature, top_k):
     target = _model("aug", 4, vocab=VOCAB)
@@ -128,12 +119,9 @@ def test_speculative_sampling_matches_the_target_distribution(gamma, temperature
 
 @functools.lru_cache(maxsize=None)
 def _medusa_model(attention, head_scale):
-    cfg = lin_llm.load_config(None, [
-        "model.n_layers=2", f"model.attention={attention}", f"model.la.group_size={GROUP}", "model.la.conv_kernel_size=7",
-        "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64", "model.vocab_size=64",
-        "model.max_seq_len=96", "train.seq_len=96", "model.init_std=0.3", "model.medusa_heads=3",
-    ]).model
-    model = lin_llm.build_model(cfg, seed=6)
+    model = tiny_model(f"model.attention={attention}", f"model.la.group_size={GROUP}", "model.medusa_heads=3",
+                       seed=6, perturb=0.0)
+    model = nnx.clone(model)  # the heads are set below: keep the cached model as built
     for i, head in enumerate(model.medusa):  # scale 0: every head copies the next-token head
         head.kernel[...] = head_scale * jax.random.normal(jax.random.key(i), head.kernel[...].shape)
     return model
@@ -180,8 +168,8 @@ def test_decode_cli_refuses_bad_requests(tmp_path, capsys):
     import decode
 
     byte_level = lin_llm.load_config(None, ["model.n_layers=1", "model.max_seq_len=128", "train.seq_len=128"]).model
-    lin_llm.checkpoint.save_model(lin_llm.build_model(byte_level), tmp_path / "target")  # vocabulary 260
-    lin_llm.checkpoint.save_model(_model("softmax", 1), tmp_path / "draft")  # vocabulary 64
+    lin_llm.save_model(lin_llm.build_model(byte_level), tmp_path / "target")  # vocabulary 260
+    lin_llm.save_model(_model("softmax", 1), tmp_path / "draft")  # vocabulary 64
     ckpt = str(tmp_path / "target")
     cases = [
         (["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"], "does not exist"),

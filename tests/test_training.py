@@ -23,10 +23,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import train as train_cli
-from lin_llm import build_model, load_config, training
-from lin_llm.checkpoint import flat_params, load_checkpoint, save_model
+from lin_llm import build_model, load_checkpoint, load_config, save_model, training
+from lin_llm.model import flat_params
 from lin_llm.sharding import MeshError
 from lin_llm.training import MetricsWriter, Trainer, lr_schedule, make_optimizer, model_logits
+
+# on 8 fake CPU devices, in a pytest process of their own (see the Makefile)
+pytestmark = pytest.mark.multidevice
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -210,7 +213,7 @@ def test_a_fresh_run_does_not_append_to_an_old_runs_metrics(tmp_path):
 
 
 def test_only_process_zero_logs(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(training, "_is_main", lambda: False)  # as on process 1 of 2
+    monkeypatch.setattr(training.metrics, "is_main", lambda: False)  # as on process 1 of 2
     trainer = Trainer(tiny_cfg(tmp_path, *CKPT, "train.export_model=false"), progress=True, devices=jax.devices()[:1])
     try:
         result = trainer.run()
@@ -354,7 +357,7 @@ def test_medusa_objective_trains_only_the_heads(tmp_path):
                    "train.steps=3", "train.learning_rate=1e-2", *ONE_DEVICE)
     trainer = Trainer(cfg, progress=False, devices=jax.devices()[:1])
     try:
-        assert trainer.trainable_names == ["medusa.0.bias", "medusa.0.kernel", "medusa.1.bias", "medusa.1.kernel"]
+        assert trainer.plan.trainable == ["medusa.0.bias", "medusa.0.kernel", "medusa.1.bias", "medusa.1.kernel"]
         before = {n: np.asarray(v) for n, v in flat_params(trainer.final_model()).items()}
         result = trainer.run()
         after = {n: np.asarray(v) for n, v in flat_params(trainer.final_model()).items()}
@@ -457,7 +460,8 @@ def _cli(capsys, *args):
         (["mesh.data=3"], r"mesh data=3 x fsdp=1 x tensor=1 = 3 devices, but there are 8; make the product 8"),
         (["mesh.data=-1", "mesh.tensor=3"], r"multiply to 3, which does not divide the 8 devices"),
         (["mesh.data=8", "train.batch_size=4"], r"= 4 sequences per micro-batch does not divide over the 8 data-parallel"),
-        (["mesh.data=4", "mesh.fsdp=2", "train.grad_accum=4"], r"train.batch_size / train.grad_accum = 2 sequences per micro-batch does not divide over the 8"),
+        (["mesh.data=4", "mesh.fsdp=2", "train.grad_accum=4"],
+         r"train.batch_size / train.grad_accum = 2 sequences per micro-batch does not divide over the 8"),
         (["train.trainable=nothing_matches"], r"train.trainable='nothing_matches' matches no parameter"),
         (["train.distill_steps=5", "model.attention=aug"], r"train.distill_steps > 0 needs train.init_from"),
     ],

@@ -9,8 +9,8 @@ Families (normalised causal linear attention, kappa = phi(q) . phi(k), fixed wei
          gating unit replaces the MLP in FLASH and does not fit a LLaMA block, so only the
          attention is taken;
   yoso: local_global with the YOSO local kernel.
-Every other preset without a conv also exists as NAME+conv (e.g. hedgehog+conv, global+conv). Linformer is excluded: it mixes the length
-axis and has no causal form (see feature_maps.py).
+Every other preset without a conv also exists as NAME+conv (e.g. hedgehog+conv, global+conv).
+Linformer is excluded: it mixes the length axis and has no causal form (see feature_maps.py).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-
-from lin_llm.config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +64,11 @@ PRESETS.update(
 NAMES = ("softmax",) + tuple(PRESETS)
 
 
-def validate_name(name: str) -> None:
-    if name not in NAMES:
-        raise ConfigError(f"model.attention={name!r} is not a known preset; choose one of: {', '.join(NAMES)}")
-
-
 def get(name: str) -> Preset | None:
-    """The preset of a linear attention name; None for softmax."""
-    validate_name(name)
+    """The preset of a linear attention name; None for softmax (config validation has checked
+    the name against NAMES)."""
+    if name not in NAMES:
+        raise KeyError(f"unknown attention preset {name!r}; choose one of: {', '.join(NAMES)}")
     return PRESETS.get(name)
 
 

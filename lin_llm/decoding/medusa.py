@@ -19,9 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lin_llm.generation import (
-    _append_accepted, _check_request, _emit, _generated_counts, _last_logits, _speculative_output, pad_prompts,
+from lin_llm.decoding.common import (
+    append_accepted,
+    check_request,
+    emit,
+    generated_counts,
+    last_logits,
+    pad_prompts,
+    speculative_output,
 )
+from lin_llm.errors import DecodeError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +57,7 @@ class Tree:
 def build_tree(topk: tuple[int, ...]) -> Tree:
     """Every combination of the top-k[d] guesses of head d, breadth first."""
     if not topk or min(topk) < 1:
-        raise ValueError(f"medusa top-k per head must be a non-empty list of positive ints, got {topk}")
+        raise DecodeError(f"medusa top-k per head must be a non-empty list of positive ints, got {topk}")
     choices = [()]
     for depth in range(1, len(topk) + 1):
         choices += list(itertools.product(*(range(k) for k in topk[:depth])))
@@ -72,14 +79,14 @@ def _medusa(model, ids, lengths, *, tree, max_new_tokens, max_len, eos_id, strea
     max_depth = len(tree.topk)
 
     hidden, logits, state = model.prefill(ids, model.init_state(batch, max_len), lengths, return_hidden=True)
-    last = jnp.argmax(_last_logits(logits, lengths), axis=-1).astype(jnp.int32)
-    heads = model.medusa_logits(_last_logits(hidden, lengths)[:, None])[:, 0]  # [B, k, V]
+    last = jnp.argmax(last_logits(logits, lengths), axis=-1).astype(jnp.int32)
+    heads = model.medusa_logits(last_logits(hidden, lengths)[:, None])[:, 0]  # [B, k, V]
     width = max_new_tokens + max_depth + 1
     out = jnp.zeros((batch, width), jnp.int32).at[:, 0].set(last)
     n_out = jnp.ones((batch,), jnp.int32)
     done = last == eos_id if eos_id is not None else jnp.zeros((batch,), bool)
     stats = jnp.zeros((2,), jnp.int32)  # target calls, accepted tokens
-    _emit(stream, last[:, None], jnp.ones((batch,), jnp.int32))
+    emit(stream, last[:, None], jnp.ones((batch,), jnp.int32))
 
     def cond(carry):
         *_, n_out, done, _ = carry
@@ -98,7 +105,7 @@ def _medusa(model, ids, lengths, *, tree, max_new_tokens, max_len, eos_id, strea
         n_acc = jnp.where(active, depth[best], 0)
         new_last = choice[rows, best]
         path = paths[best]  # [B, depth+1]
-        out, n_out, done = _append_accepted(
+        out, n_out, done = append_accepted(
             out, n_out, done, active, tokens[rows[:, None], path[:, 1:]], n_acc, new_last,
             stream=stream, max_new_tokens=max_new_tokens, eos_id=eos_id,
         )
@@ -111,27 +118,30 @@ def _medusa(model, ids, lengths, *, tree, max_new_tokens, max_len, eos_id, strea
     state, last, heads, out, n_out, done, stats = jax.lax.while_loop(
         cond, body, (state, last, heads, out, n_out, done, stats)
     )
-    return _speculative_output(out, n_out, max_new_tokens, eos_id), stats
+    return speculative_output(out, n_out, max_new_tokens, eos_id), stats
 
 
 def medusa_generate(model, prompt_ids, max_new_tokens: int, *, topk: tuple[int, ...] = (4, 2, 2), eos_id=None, stream=None):
     """Greedy Medusa decoding with the model's own heads; returns (tokens, stats).
-    ``stream`` as in lin_llm.generation.generate."""
+    ``stream`` as in lin_llm.decoding.generate."""
+    if model.cfg.medusa_heads == 0:
+        raise DecodeError("the model has no Medusa heads (model.medusa_heads=0); train some with train.py "
+                          "(model.medusa_heads=4 train.objective=medusa) first")
     if model.cfg.medusa_heads < len(topk):
-        raise ValueError(
+        raise DecodeError(
             f"the tree needs {len(topk)} Medusa heads (top-k {topk}) but the model has model.medusa_heads="
             f"{model.cfg.medusa_heads}: train heads with train.py (train.objective=medusa) or use a shorter --medusa-topk"
         )
     tree = build_tree(tuple(topk))
     ids, lengths = pad_prompts(prompt_ids)
-    _check_request(model, lengths, max_new_tokens, len(topk) + 1, 0.0)
+    check_request(model, lengths, max_new_tokens, len(topk) + 1, 0.0)
     out, stats = _medusa(
         model, jnp.asarray(ids), jnp.asarray(lengths), tree=tree, max_new_tokens=max_new_tokens,
         max_len=int(lengths.max()) + max_new_tokens + len(topk) + 1, eos_id=eos_id, stream=stream,
     )
     calls, accepted = (int(x) for x in stats)
     batch = ids.shape[0]
-    generated = int(np.sum(np.asarray(_generated_counts(out, eos_id, max_new_tokens))))
+    generated = int(np.sum(np.asarray(generated_counts(out, eos_id, max_new_tokens))))
     return out, {
         "target_calls": calls + 1,  # + the prefill
         "tree_nodes": tree.size,

@@ -1,0 +1,45 @@
+"""Convert checkpoints between Hugging Face LLaMA directories and lin_llm checkpoints.
+
+    python -m lin_llm.convert --hf-dir HF_DIR --out OUR_DIR          # HF -> lin_llm (orbax)
+    python -m lin_llm.convert --to-hf --checkpoint OUR_DIR --out HF_DIR
+
+Everything is validated (architecture, tensor names, shapes) before anything is written, and the
+output appears only once complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lin_llm.errors import LinLLMError
+from lin_llm.io.hf import convert_hf_to_checkpoint, export_to_hf
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lin_llm.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hf-dir", help="Hugging Face LLaMA directory to convert into a lin_llm checkpoint")
+    parser.add_argument("--to-hf", action="store_true", help="convert --checkpoint into a Hugging Face directory")
+    parser.add_argument("--checkpoint", help="lin_llm checkpoint directory (with --to-hf)")
+    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
+    args = parser.parse_args(argv)
+    try:
+        if args.to_hf:
+            if not args.checkpoint or args.hf_dir:
+                parser.error("--to-hf takes --checkpoint DIR (a lin_llm checkpoint), not --hf-dir")
+            export_to_hf(args.checkpoint, args.out, args.overwrite)
+            print(f"wrote Hugging Face model to {args.out}")
+        else:
+            if not args.hf_dir or args.checkpoint:
+                parser.error("give --hf-dir DIR (or --to-hf --checkpoint DIR)")
+            cfg = convert_hf_to_checkpoint(args.hf_dir, args.out, args.overwrite)
+            print(f"wrote lin_llm checkpoint to {args.out}: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.param_dtype}")
+    except LinLLMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Hugging Face LLaMA directories <-> lin_llm checkpoints, tensor by tensor through safetensors.
+
+Everything is validated (architecture, tensor names, shapes) before anything is written, and the
+output appears only once complete. No torch needed: safetensors reads into numpy (bf16 via
+ml_dtypes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from lin_llm.config import ModelConfig, RopeConfig, model_config_from_dict
+from lin_llm.errors import CheckpointError, ConfigError
+from lin_llm.io.atomic import atomic_directory
+from lin_llm.io.checkpoint import copy_tokenizer_files, load_model_dir, write_model_dir
+from lin_llm.model import flat_params, param_shapes
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float32"}  # fp16 widens losslessly
+# Buffers some old exports carry; they are recomputed from the config.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+# --------------------------------------------------------------------------- names
+
+
+def hf_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
+    """Our flat param name -> (HF tensor name, transposed?). HF Linear weights are [out, in]."""
+    names = {"embed.embedding": ("model.embed_tokens.weight", False), "norm.scale": ("model.norm.weight", False)}
+    for i in range(cfg.n_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        names[ours + "attn_norm.scale"] = (hf + "input_layernorm.weight", False)
+        names[ours + "mlp_norm.scale"] = (hf + "post_attention_layernorm.weight", False)
+        for our, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
+            names[f"{ours}attn.{our}.kernel"] = (f"{hf}self_attn.{theirs}.weight", True)
+        for our, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+            names[f"{ours}mlp.{our}.kernel"] = (f"{hf}mlp.{theirs}.weight", True)
+    if not cfg.tie_embeddings:
+        names["lm_head.kernel"] = ("lm_head.weight", True)
+    return names
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _rope_from_hf(hf: dict) -> RopeConfig:
+    # transformers >= 5 nests rope_theta in rope_parameters; older configs use rope_theta + rope_scaling.
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise CheckpointError(f"config.json: rope_type {rope_type!r} is not supported (default, linear, llama3)")
+    return RopeConfig(
+        theta=float(theta),
+        type=rope_type,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_len=int(params.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def model_config_from_hf(hf: dict, param_dtype: str) -> ModelConfig:
+    """Our ModelConfig from a HF LLaMA config.json (refusing what we cannot represent)."""
+    archs = hf.get("architectures") or [f"<model_type {hf.get('model_type')!r}>"]
+    if archs[0] not in SUPPORTED_ARCHITECTURES or hf.get("model_type", "llama") != "llama":
+        raise CheckpointError(
+            f"config.json: architecture {archs[0]} (model_type {hf.get('model_type')!r}) is not supported; "
+            f"lin_llm converts dense LLaMA-family decoders: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if hf.get(key):
+            raise CheckpointError(f"config.json: {key}={hf[key]}: mixture-of-experts models are not supported")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise CheckpointError(f"config.json: {key}=true is not supported (LLaMA has no projection biases)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported (LLaMA uses silu)")
+    n_heads = hf["num_attention_heads"]
+    try:
+        return model_config_from_dict(
+            {
+                "vocab_size": hf["vocab_size"],
+                "dim": hf["hidden_size"],
+                "n_layers": hf["num_hidden_layers"],
+                "n_heads": n_heads,
+                "n_kv_heads": hf.get("num_key_value_heads") or n_heads,
+                "head_dim": hf.get("head_dim") or hf["hidden_size"] // n_heads,
+                "ffn_dim": hf["intermediate_size"],
+                "max_seq_len": hf.get("max_position_embeddings", 2048),
+                "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+                "rope": vars(_rope_from_hf(hf)),
+                "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+                "init_std": float(hf.get("initializer_range", 0.02)),
+                "param_dtype": param_dtype,
+                "compute_dtype": param_dtype,
+                "bos_id": _single_id(hf.get("bos_token_id")),
+                "eos_id": _single_id(hf.get("eos_token_id")),
+            }
+        )
+    except KeyError as err:
+        raise CheckpointError(f"config.json lacks the required field {err.args[0]!r}") from None
+    except ConfigError as err:
+        raise CheckpointError(f"config.json describes a model lin_llm cannot build: {err}") from None
+
+
+def _single_id(value):
+    return value[0] if isinstance(value, list) and value else value
+
+
+def model_config_to_hf(cfg: ModelConfig) -> dict:
+    rope = {"rope_theta": cfg.rope.theta, "rope_type": cfg.rope.type}
+    if cfg.rope.type in ("linear", "llama3"):
+        rope["factor"] = cfg.rope.factor
+    if cfg.rope.type == "llama3":
+        rope.update(
+            low_freq_factor=cfg.rope.low_freq_factor,
+            high_freq_factor=cfg.rope.high_freq_factor,
+            original_max_position_embeddings=cfg.rope.original_max_len,
+        )
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "intermediate_size": cfg.ffn_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": rope,
+        "rope_theta": cfg.rope.theta,  # read by transformers < 5
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": cfg.bos_id,
+        "eos_token_id": cfg.eos_id,
+        "dtype": cfg.param_dtype,
+    }
+
+
+# --------------------------------------------------------------------------- HF -> ours
+
+
+def _weight_files(hf_dir: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it."""
+    index = hf_dir / "model.safetensors.index.json"
+    single = hf_dir / "model.safetensors"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map'")
+        for shard in sorted(set(weight_map.values())):
+            if not (hf_dir / shard).is_file():
+                raise CheckpointError(f"{index} lists shard {shard}, which is missing from {hf_dir}")
+        return {name: hf_dir / shard for name, shard in weight_map.items()}
+    if single.is_file():
+        with safe_open(single, framework="numpy") as f:
+            return {name: single for name in f.keys()}
+    found = sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+    hint = f" (found {', '.join(found)}: re-save with save_pretrained(..., safe_serialization=True))" if found else ""
+    raise CheckpointError(f"no weights in {hf_dir}: expected model.safetensors or model.safetensors.index.json{hint}")
+
+
+def _plan(hf_dir: Path) -> tuple[ModelConfig, dict[str, tuple[str, bool, Path]]]:
+    """Validate a HF directory completely (config, names, shapes) without reading tensor data."""
+    config_file = hf_dir / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{hf_dir} has no config.json; is it a Hugging Face model directory?")
+    hf = json.loads(config_file.read_text())
+    files = _weight_files(hf_dir)
+    headers = {}
+    for path in sorted(set(files.values())):
+        with safe_open(path, framework="numpy") as f:
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                headers[name] = (tuple(tensor.get_shape()), tensor.get_dtype(), path.name)
+    embed = headers.get("model.embed_tokens.weight")
+    if embed is None:
+        raise CheckpointError(f"{hf_dir}: tensor model.embed_tokens.weight is missing")
+    if embed[1] not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{hf_dir}: dtype {embed[1]} is not supported (F32, BF16, F16)")
+    cfg = model_config_from_hf(hf, SAFETENSORS_DTYPES[embed[1]])
+    shapes = param_shapes(cfg)
+    plan = {}
+    for ours, (theirs, transposed) in hf_names(cfg).items():
+        if theirs not in headers:
+            raise CheckpointError(f"{hf_dir}: tensor {theirs} is missing (needed for {ours})")
+        shape, dtype, file = headers[theirs]
+        want = tuple(shapes[ours].shape)
+        want_hf = want[::-1] if transposed else want
+        if shape != want_hf:
+            raise CheckpointError(
+                f"{hf_dir}/{file}: tensor {theirs} has shape {list(shape)}, config.json implies {list(want_hf)}"
+            )
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{hf_dir}/{file}: tensor {theirs} has dtype {dtype} (supported: F32, BF16, F16)")
+        plan[ours] = (theirs, transposed, files[theirs])
+    used = {theirs for theirs, _, _ in plan.values()}
+    tolerated = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    unexpected = sorted(
+        name for name in headers if name not in used | tolerated and not name.endswith(IGNORED_SUFFIXES)
+    )
+    if unexpected:
+        raise CheckpointError(
+            f"{hf_dir}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all): not part of a LLaMA model"
+        )
+    return cfg, plan
+
+
+def read_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Config and our flat params from a HF directory, read one tensor at a time."""
+    hf_dir = Path(hf_dir)
+    cfg, plan = _plan(hf_dir)
+    flat = {}
+    by_file: dict[Path, list[str]] = {}
+    for ours, (_, _, path) in plan.items():
+        by_file.setdefault(path, []).append(ours)
+    for path, names in by_file.items():
+        with safe_open(path, framework="numpy") as f:
+            for ours in names:
+                theirs, transposed, _ = plan[ours]
+                tensor = f.get_tensor(theirs)
+                tensor = tensor.astype(np.float32) if tensor.dtype == np.float16 else tensor
+                flat[ours] = np.ascontiguousarray(tensor.T) if transposed else tensor
+    return cfg, flat
+
+
+def convert_hf_to_checkpoint(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> ModelConfig:
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"--hf-dir {hf_dir} does not exist")
+    cfg, flat = read_hf_checkpoint(hf_dir)  # validates everything before `out` is touched
+    with atomic_directory(out, overwrite) as tmp:
+        write_model_dir(tmp, cfg, flat, hf_dir)
+    return cfg
+
+
+# --------------------------------------------------------------------------- ours -> HF
+
+
+def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        if shards[-1] and size + tensor.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += tensor.nbytes
+    return shards
+
+
+def export_to_hf(
+    checkpoint: str | Path, out: str | Path, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> None:
+    """Write a HF LLaMA directory (config.json, safetensors, tokenizer files) from our checkpoint."""
+    checkpoint = Path(checkpoint).absolute()
+    model = load_model_dir(checkpoint)
+    cfg = model.cfg
+    flat = flat_params(model)
+    tensors = {}
+    for ours, (theirs, transposed) in hf_names(cfg).items():
+        value = np.asarray(flat[ours])
+        tensors[theirs] = np.ascontiguousarray(value.T) if transposed else value
+    with atomic_directory(out, overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(model_config_to_hf(cfg), indent=2))
+        shards = _shards(tensors, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / file, metadata={"format": "pt"})
+                weight_map.update({name: file for name in shard})
+            total = sum(t.nbytes for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        copy_tokenizer_files(checkpoint, tmp)

@@ -1,0 +1,98 @@
+"""Attention transfer (LoLCATs stage 1): train only the new linear-attention params (or
+train.distill_trainable) so that each layer's attention output matches the softmax layer's
+(relative MSE), on the softmax model's own hidden states; everything else stays frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lin_llm import sharding as shd
+from lin_llm.config import Config
+from lin_llm.errors import TrainError
+from lin_llm.model import abstract_model, attention_param_defaults, param_shapes, unflatten
+from lin_llm.training import metrics
+from lin_llm.training.state import opt_state_shardings
+
+F32 = jnp.float32
+
+
+def distilled_names(cfg: Config, names) -> list[str]:
+    """The params attention transfer trains: train.distill_trainable, else those linear attention adds."""
+    pattern = cfg.train.distill_trainable
+    chosen = [n for n in sorted(names) if re.search(pattern, n)] if pattern else sorted(attention_param_defaults(cfg.model))
+    if not chosen:
+        raise TrainError(
+            f"distillation has nothing to train: model.attention={cfg.model.attention!r} adds no parameters "
+            "(set train.distill_trainable to a regex of params to train, or train.distill_steps=0)"
+        )
+    return chosen
+
+
+def attention_mse(student, teacher, ids, constrain=lambda x: x):
+    """Mean over layers of |student attn - teacher attn|^2 / |teacher attn|^2, each layer fed the
+    teacher's own hidden states (the teacher's residual stream runs through every block)."""
+    b, s = ids.shape
+    positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+    x = teacher.embed(ids)
+    total = 0.0
+    for student_block, teacher_block in zip(student.layers, teacher.layers):
+        normed = teacher_block.attn_norm(x)
+        target = jax.lax.stop_gradient(teacher_block.attn(normed, positions))
+        y_t, y_s = target.astype(F32), student_block.attn(normed, positions).astype(F32)
+        total = total + jnp.mean(jnp.square(y_s - y_t)) / jnp.maximum(jnp.mean(jnp.square(y_t)), 1e-12)
+        x = constrain(teacher_block.finish(x, target))
+    return total / len(student.layers)
+
+
+def attention_transfer(cfg: Config, flat: dict, param_sh: dict, eval_sh, mesh, batches: Callable[[int], jax.Array],
+                       progress: Callable) -> tuple[dict, list[float]]:
+    """train.distill_steps Adam steps on attention_mse; returns all params and the losses.
+    batches(i) is step i's token batch [micro, T + 1] on the mesh."""
+    t = cfg.train
+    names = distilled_names(cfg, flat)
+    teacher_cfg = dataclasses.replace(cfg.model, attention="softmax")
+    student_def = nnx.split(abstract_model(cfg.model))[0]
+    teacher_def = nnx.split(abstract_model(teacher_cfg))[0]
+    teacher_names = set(param_shapes(teacher_cfg))
+    d_sh = {n: param_sh[n] for n in names}
+    o_sh = {n: param_sh[n] for n in flat if n not in d_sh}
+    constrain = lambda x: shd.constrain(x, mesh, "batch", "length", "act_embed")
+
+    def loss_fn(dparams, others, tokens):
+        every = {**others, **dparams}
+        student = nnx.merge(student_def, unflatten(every))
+        teacher = nnx.merge(teacher_def, unflatten({n: every[n] for n in teacher_names}))
+        return attention_mse(student, teacher, shd.constrain(tokens[:, :-1], mesh, "batch", "length"), constrain)
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(t.distill_learning_rate))
+    dparams = {n: flat[n] for n in names}
+    others = {n: flat[n] for n in flat if n not in d_sh}
+    shapes = {n: flat[n].shape for n in flat}
+    opt_sh = opt_state_shardings(jax.eval_shape(tx.init, dparams), d_sh, shapes, mesh)
+    opt = jax.jit(tx.init, out_shardings=opt_sh)(dparams)
+
+    def step(dparams, opt, others, tokens):
+        loss, grads = jax.value_and_grad(loss_fn)(dparams, others, tokens)
+        updates, opt = tx.update(grads, opt, dparams)
+        return optax.apply_updates(dparams, updates), opt, loss
+
+    step = jax.jit(step, in_shardings=(d_sh, opt_sh, o_sh, eval_sh), out_shardings=(d_sh, opt_sh, shd.replicated(mesh)),
+                   donate_argnums=(0, 1))
+    bar = progress(range(t.distill_steps), "distill")
+    losses = []
+    for i in bar:
+        dparams, opt, loss = step(dparams, opt, others, batches(i))
+        losses.append(loss)
+        if metrics.is_main() and hasattr(bar, "set_postfix") and (i % t.log_every == 0 or i == t.distill_steps - 1):
+            bar.set_postfix(mse=f"{float(loss):.4f}")
+    losses = [float(x) for x in jax.device_get(losses)]
+    if losses:
+        metrics.log(f"distillation: {t.distill_steps} steps, final relative attention MSE {losses[-1]:.4f}")
+    return {**others, **dparams}, losses
