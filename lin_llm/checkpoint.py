@@ -138,8 +138,17 @@ def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
 # --------------------------------------------------------------------------- save / load
 
 
-def write_model_dir(directory: Path, cfg: ModelConfig, flat: dict[str, object], tokenizer_dir: Path | None) -> None:
-    """Write config.yaml, the orbax params and tokenizer files into an existing directory."""
+def write_model_dir(
+    directory: Path,
+    cfg: ModelConfig,
+    flat: dict[str, object],
+    tokenizer_dir: Path | None,
+    tokenizer_files: dict[str, str] | None = None,
+) -> None:
+    """Write config.yaml, the orbax params and tokenizer files into an existing directory.
+
+    Tokenizer files are copied from ``tokenizer_dir`` or written from ``tokenizer_files`` (name -> text).
+    """
     (directory / CONFIG_FILE).write_text(yaml.safe_dump({"model": config_to_dict(cfg)}, sort_keys=False))
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / PARAMS_DIR, {name: jnp.asarray(v) for name, v in flat.items()})
@@ -148,6 +157,8 @@ def write_model_dir(directory: Path, cfg: ModelConfig, flat: dict[str, object], 
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copy2(tokenizer_dir / name, directory / name)
+    for name, text in (tokenizer_files or {}).items():
+        (directory / name).write_text(text, encoding="utf-8")
 
 
 def save_model(model: LlamaModel, out: str | Path, *, tokenizer_dir: str | Path | None = None, overwrite=False):
