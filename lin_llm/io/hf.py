@@ -45,6 +45,25 @@ def hf_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
     return names
 
 
+def hf_layout(cfg: ModelConfig) -> dict[str, tuple[str, bool, tuple[int, ...]]]:
+    """HF tensor name -> (our param name, transposed?, its shape in the HF layout) of cfg's model."""
+    shapes = param_shapes(cfg)
+    layout = {}
+    for ours, (theirs, transposed) in hf_names(cfg).items():
+        want = tuple(shapes[ours].shape)
+        layout[theirs] = (ours, transposed, want[::-1] if transposed else want)
+    return layout
+
+
+def refuse_unexpected(source, unexpected) -> None:
+    """A tensor that is not part of the model means another architecture: refuse, naming it."""
+    unexpected = sorted(unexpected)
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all): not part of a LLaMA model"
+        )
+
+
 # --------------------------------------------------------------------------- configs
 
 
@@ -190,30 +209,19 @@ def _plan(hf_dir: Path) -> tuple[ModelConfig, dict[str, tuple[str, bool, Path]]]
     if embed[1] not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{hf_dir}: dtype {embed[1]} is not supported (F32, BF16, F16)")
     cfg = model_config_from_hf(hf, SAFETENSORS_DTYPES[embed[1]])
-    shapes = param_shapes(cfg)
     plan = {}
-    for ours, (theirs, transposed) in hf_names(cfg).items():
+    for theirs, (ours, transposed, want) in hf_layout(cfg).items():
         if theirs not in headers:
             raise CheckpointError(f"{hf_dir}: tensor {theirs} is missing (needed for {ours})")
         shape, dtype, file = headers[theirs]
-        want = tuple(shapes[ours].shape)
-        want_hf = want[::-1] if transposed else want
-        if shape != want_hf:
-            raise CheckpointError(
-                f"{hf_dir}/{file}: tensor {theirs} has shape {list(shape)}, config.json implies {list(want_hf)}"
-            )
+        if shape != want:
+            raise CheckpointError(f"{hf_dir}/{file}: tensor {theirs} has shape {list(shape)}, config.json implies {list(want)}")
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{hf_dir}/{file}: tensor {theirs} has dtype {dtype} (supported: F32, BF16, F16)")
         plan[ours] = (theirs, transposed, files[theirs])
-    used = {theirs for theirs, _, _ in plan.values()}
     tolerated = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    unexpected = sorted(
-        name for name in headers if name not in used | tolerated and not name.endswith(IGNORED_SUFFIXES)
-    )
-    if unexpected:
-        raise CheckpointError(
-            f"{hf_dir}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all): not part of a LLaMA model"
-        )
+    used = {theirs for theirs, _, _ in plan.values()} | tolerated
+    refuse_unexpected(hf_dir, [name for name in headers if name not in used and not name.endswith(IGNORED_SUFFIXES)])
     return cfg, plan
 
 
