@@ -108,7 +108,7 @@ class ModelConfig:
 class TrainConfig:
     """What train.py does (lin_llm.training). Batch sizes count sequences of ``seq_len`` tokens."""
 
-    steps: int = spec(200, check="positive", step=True)
+    steps: int = spec(200, check="non_negative", step=True)  # 0: attention transfer only (distill_steps > 0)
     batch_size: int = spec(8, check="positive", resume=True, step=True)  # sequences per step, all devices and hosts
     seq_len: int = spec(128, check="positive", resume=True, step=True)
     # micro-batches per step (batch_size / grad_accum each, summed in one step)
@@ -257,20 +257,39 @@ def config_from_dict(values: dict, overrides: typing.Sequence[str] = ()) -> Conf
     return cfg
 
 
+def _read_yaml(path: Path, chain: tuple = ()) -> dict:
+    """The YAML mapping at ``path``, on top of the file its ``base:`` key names (relative to it)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (the shipped ones are in configs/)")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: `base:` files include each other ({' -> '.join(str(p) for p in chain)})")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, train, mesh), got {type(values).__name__}")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: must be the path of another config file, got {base!r}")
+    return _merge(_read_yaml(path.parent / base, chain + (path.resolve(),)), values)
+
+
+def _merge(base: dict, values: dict) -> dict:
+    """``values`` over ``base``, section by section (nested mappings merge, everything else replaces)."""
+    merged = copy.deepcopy(base)
+    for key, value in values.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both else value
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load ``path`` (YAML; None for the defaults) and apply ``key=value`` overrides."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (the shipped ones are in configs/)")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (model, train, mesh), got {type(values).__name__}")
-    return config_from_dict(values, overrides)
+    """Load ``path`` (YAML; None for the defaults) and apply ``key=value`` overrides. A file may
+    start from another with ``base: other.yaml`` and change only some of its fields."""
+    return config_from_dict(_read_yaml(Path(path)) if path is not None else {}, overrides)
 
 
 def model_config_from_dict(values: dict) -> ModelConfig:
@@ -359,6 +378,7 @@ def _validate_train(cfg: Config) -> None:
         "medusa" not in t.objective or cfg.model.medusa_heads > 0,
         f"train.objective={t.objective!r} trains Medusa heads; set model.medusa_heads > 0 (e.g. 4)",
     )
+    _require(t.steps > 0 or t.distill_steps > 0, "train.steps=0 trains nothing; set train.steps > 0 or train.distill_steps > 0")
     _require(
         t.batch_size % t.grad_accum == 0,
         f"train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size} "

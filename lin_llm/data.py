@@ -182,15 +182,22 @@ class Corpus:
         return h.hexdigest()[:16]
 
 
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]] | None:
+    """(training, held-out) documents: a fixed, seed-independent choice of val_fraction of them, in
+    corpus order. None when there are too few documents to split by document."""
+    if len(docs) < MIN_DOCS_FOR_DOC_SPLIT:
+        return None
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(docs))
+    held_out = set(order[: max(1, int(round(val_fraction * len(docs))))].tolist())
+    return [d for i, d in enumerate(docs) if i not in held_out], [d for i, d in enumerate(docs) if i in held_out]
+
+
 def build_corpus(docs: list[str], tokenizer, model: ModelConfig, seq_len: int, val_fraction: float, source="") -> Corpus:
     bos = model.bos_id
     eos = model.eos_id if model.eos_id is not None else getattr(tokenizer, "eos_id", None)
-    if len(docs) >= MIN_DOCS_FOR_DOC_SPLIT:
-        order = np.random.default_rng(SPLIT_SEED).permutation(len(docs))
-        n_val = max(1, int(round(val_fraction * len(docs))))
-        val_ids = set(order[:n_val].tolist())
-        train = _stream([d for i, d in enumerate(docs) if i not in val_ids], tokenizer, bos, eos)
-        val = _stream([d for i, d in enumerate(docs) if i in val_ids], tokenizer, bos, eos)
+    split = split_documents(docs, val_fraction)
+    if split is not None:
+        train, val = (_stream(part, tokenizer, bos, eos) for part in split)
     else:
         stream = _stream(docs, tokenizer, bos, eos)
         cut = len(stream) - int(round(val_fraction * len(stream)))

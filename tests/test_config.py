@@ -52,3 +52,32 @@ def test_two_minus_one_mesh_axes_are_refused():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_config_can_start_from_a_base_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("model: {n_layers: 3, dim: 64}\ntrain: {steps: 7, seq_len: 32}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nmodel: {attention: aug}\ntrain: {steps: 9}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.model.n_layers, cfg.model.dim, cfg.model.attention) == (3, 64, "aug")  # sections merge
+    assert (cfg.train.steps, cfg.train.seq_len) == (9, 32)  # the child's value wins
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="include each other"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config(tmp_path / "orphan.yaml")
+
+
+def test_bad_yaml_and_non_yaml_override_values(tmp_path):
+    (tmp_path / "broken.yaml").write_text("model: {n_layers: 3\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml is not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+    # a regex that is not a YAML value is taken as its text
+    assert load_config(None, ["train.trainable=[lm]_head"]).train.trainable == "[lm]_head"
+
+
+def test_attention_transfer_alone_needs_no_training_steps():
+    cfg = load_config(None, ["train.steps=0", "train.distill_steps=5", "model.attention=aug", "train.init_from=x"])
+    assert cfg.train.steps == 0
+    with pytest.raises(ConfigError, match="train.steps=0 trains nothing"):
+        load_config(None, ["train.steps=0"])

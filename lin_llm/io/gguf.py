@@ -106,7 +106,8 @@ def _number(meta: dict, key: str, source: Path) -> float:
         raise CheckpointError(
             f"{source}: metadata {key} is {'missing' if value is None else repr(value)}, not a number"
         )
-    return float(value)
+    # GGUF stores these as float32: the shortest decimal that is the same float32 (1e-05, not 9.9999997e-06)
+    return float(str(np.float32(value))) if isinstance(value, float) else float(value)
 
 
 def _rope_parameters(meta: dict, rope_freqs: np.ndarray | None, head_dim: int, source: Path) -> dict:
