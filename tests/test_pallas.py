@@ -374,21 +374,26 @@ def _pallas_grids(fn, *args):
 # value dims (TPU: 200 -> 256 columns, all in one block; GPU: 48 -> 64 columns, one 64-column block).
 BLOCK_CASES = [
     ("gpu", 48, pallas_kernels.BlockSizes(gpu_value_block=16, gpu_num_warps=2, gpu_num_stages=1, acc_tile=(2, 16)), 4),
-    ("tpu", 200, pallas_kernels.BlockSizes(tpu_value_block=128, acc_tile=(16, 128)), 2),
+    ("tpu", 200, pallas_kernels.BlockSizes(tpu_value_block=128, acc_tile=(2, 16)), 2),
 ]
 
 
 @pytest.mark.parametrize("backend,dv,blocks,n_blocks", BLOCK_CASES)
-def test_block_sizes_change_the_grid_not_the_results(backend, dv, blocks, n_blocks):
-    """Value blocks make dq, dk partial sums over blocks (on TPU too), and a different acc tile moves the
-    scale-gradient sums: values and every gradient must still match the oracle."""
+def test_block_sizes_set_the_grid(backend, dv, blocks, n_blocks):
     q, k, v, s0, d_out, d_state = _inputs(23, 100, 32, dv, F32)
     args = (q, k, v, s0, jnp.float32(0.7), jnp.float32(1.3))
-    fn = _kernel_fn(64, "relu2", backend, blocks=blocks)
     grad = lambda f: jax.grad(_loss(f, d_out, d_state), argnums=range(6))
     assert [g[0] for g in _pallas_grids(grad(_kernel_fn(64, "relu2", backend)), *args)] == [1, 1, 1]
-    assert [g[0] for g in _pallas_grids(grad(fn), *args)] == [n_blocks] * 3
-    got, got_grads = _value_and_grads(fn, args, d_out, d_state)
+    assert [g[0] for g in _pallas_grids(grad(_kernel_fn(64, "relu2", backend, blocks=blocks)), *args)] == [n_blocks] * 3
+
+
+def test_block_sizes_keep_the_results():
+    """Two TPU value blocks (dq, dk become partial sums over blocks) and a (2, 16) acc tile (the
+    scale-gradient sums move): values and every gradient still match the oracle. Triton value
+    blocks are covered by the value dim 96 case of test_forward_and_gradients_fp32."""
+    q, k, v, s0, d_out, d_state = _inputs(23, 100, 32, 200, F32)
+    args = (q, k, v, s0, jnp.float32(0.7), jnp.float32(1.3))
+    got, got_grads = _value_and_grads(_kernel_fn(64, "relu2", "tpu", blocks=BLOCK_CASES[1][2]), args, d_out, d_state)
     want, want_grads = _value_and_grads(lambda *a: oracle(*a, chunk_size=64, local_kernel="relu2"), args, d_out,
                                         d_state)
     assert _rel(got[0], want[0]) < FP32_TOL and _rel(got[1], want[1]) < FP32_TOL
