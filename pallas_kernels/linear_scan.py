@@ -19,32 +19,36 @@ Three kernels each sweep the chunks in order carrying one fp32 [D, Dv] state: fo
 dq (S again, plus the two scale-gradient sums) and dkv (R, reversed). Products of two inputs run
 in the inputs' dtype with fp32 accumulation; products with a state run in fp32.
 
-Backends: "tpu" (Mosaic) runs a grid (value block, batch, head, chunk) whose last axis is
-"arbitrary" and keeps the state in VMEM scratch; "gpu" (Triton) runs a grid (value block, batch,
-head) and loops over the chunks inside the kernel, since GPU programs run in no fixed order.
-The value dimension may be split into blocks of BV columns for parallelism: outputs per value
-column need only those columns, while dq and dk are sums over blocks (added up in XLA).
+The value dimension may be split into blocks of columns (BlockSizes) for parallelism: outputs per
+value column need only those columns, while dq and dk are sums over blocks (added up in XLA).
+
+This module holds everything both backends share: the per-chunk math above, the operands' block
+specs and what one chunk reads and writes (`Sweep`), the padding, the custom_vjp wiring and the
+public functions. The backends differ only in how they iterate over the chunks and where the
+state lives: tpu.py (Mosaic: a grid axis over chunks, "arbitrary", state in VMEM scratch) and
+gpu.py (Triton: a loop over chunks inside each program, state in registers).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import reference
+from pallas_kernels import gpu, reference, tpu
+from pallas_kernels.block_sizes import BlockSizes
 from pallas_kernels.reference import F32, LOCAL_KERNELS, kappa
 
-BACKENDS = ("tpu", "gpu")
+_BACKENDS = {"tpu": tpu, "gpu": gpu}
+BACKENDS = tuple(_BACKENDS)
+PLATFORM_KINDS = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "cpu": "cpu"}  # jax platform -> kind
 BACKWARDS = ("pallas", "xla")
-_ACC_TILE = (8, 128)  # scale-gradient sums live in one fp32 vreg-shaped tile: row 0 d ls, row 1 d gs
-_GPU_VALUE_BLOCK = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,7 @@ class _Config:
     backend: str
     interpret: bool | pltpu.InterpretParams
     backward: str
+    blocks: BlockSizes
 
 
 # --------------------------------------------------------------------------- per-chunk math
@@ -85,6 +90,10 @@ def _total(x):
     return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)  # [1, 1]: no 0-d vectors
 
 
+# Each step maps (kernel kind, ls, gs, state, chunks of the inputs) to (next state, chunks of the
+# outputs, the chunk's two [1, 1] scale-gradient sums or None); its name names the pallas_call.
+
+
 def _fwd_step(kind, ls, gs, s, q, k, v):
     w = jnp.where(_causal(q.shape[0]), kappa(kind, _mm_nt(q, k)), 0.0)
     out = ls * _mm(w.astype(v.dtype), v) + gs * _mm(q.astype(F32), s)
@@ -113,17 +122,12 @@ def _dkv_step(kind, ls, gs, r, q, k, v, do):
     return r + gs * _mm(q.T, do), (dk, dv), None
 
 
-def _pack_sums(sums):
-    row = lax.broadcasted_iota(jnp.int32, _ACC_TILE, 0)
-    return jnp.where(row == 0, sums[0], jnp.where(row == 1, sums[1], 0.0))
-
-
 # --------------------------------------------------------------------------- one sweep = one pallas_call
 
 
 @dataclasses.dataclass(frozen=True)
 class _Seq:
-    """A [B, H, Tp, W] operand read or written chunk by chunk; split: W is the value dim, cut in BV blocks.
+    """A [B, H, Tp, W] operand read or written chunk by chunk; split: W is the value dim, cut in value blocks.
 
     Unsplit outputs (dq, dk) are partial sums over value blocks, so they get a leading block axis.
     """
@@ -132,151 +136,128 @@ class _Seq:
     dtype: object = None  # outputs only
 
 
-def _sweep(cfg: _Config, step, scales, state0, seqs_in, specs_in, specs_out, *, reverse, emit_state, with_sums):
-    """Run `step` over the chunks of every (value block, batch, head), carrying an fp32 state.
+class Refs(NamedTuple):
+    """A kernel's refs by role; final and sums are None where the sweep does not write them."""
 
-    Returns the sequence outputs, then the final state if emit_state, then the summed-scalar
-    tiles [NV, B, H, 8, 128] if with_sums.
+    scales: object  # [2]: local_scale, global_scale
+    seqs: tuple
+    state0: object
+    outs: tuple
+    final: object
+    sums: object
+    scratch: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """One pallas_call: `step` over the n chunks of every (value block, batch, head), carrying an fp32 state.
+
+    Everything the two backends share: shapes, block specs and what one chunk reads and writes. The
+    grid starts (value block, batch, head) on both; a backend may add axes (TPU: the chunk).
     """
-    b, h, tp, dp = seqs_in[0].shape
-    dvp = state0.shape[-1]
-    bv = dvp if cfg.backend == "tpu" else min(_GPU_VALUE_BLOCK, dvp)
-    nv, c = dvp // bv, cfg.chunk
-    n = tp // c
-    step = functools.partial(step, cfg.kernel)
-    n_in, n_out = len(seqs_in), len(specs_out)
 
-    out_shape = [
-        jax.ShapeDtypeStruct((b, h, tp, dvp) if s.split else (nv, b, h, tp, dp), s.dtype) for s in specs_out
-    ]
-    if emit_state:
-        out_shape.append(jax.ShapeDtypeStruct((b, h, dp, dvp), F32))
-    if with_sums:
-        out_shape.append(jax.ShapeDtypeStruct((nv, b, h) + _ACC_TILE, F32))
+    step: Callable  # a *_step with its kernel kind bound
+    ins: tuple[_Seq, ...]
+    outs: tuple[_Seq, ...]
+    reverse: bool
+    emit_state: bool
+    with_sums: bool
+    shape: tuple[int, int, int, int, int]  # b, h, tp, dp, dvp
+    chunk: int
+    value_block: int
+    blocks: BlockSizes
+    interpret: bool | pltpu.InterpretParams
 
-    if cfg.backend == "tpu":
-        def chunk_of(i):
-            return n - 1 - i if reverse else i
+    @property
+    def grid(self):
+        b, h, _, _, dvp = self.shape
+        return dvp // self.value_block, b, h
 
-        def seq_spec(s, is_out):
+    @property
+    def n_chunks(self):
+        return self.shape[2] // self.chunk
+
+    @property
+    def name(self):
+        return f"linear_scan_{self.step.func.__name__.lstrip('_')}"
+
+    def chunk_at(self, i):
+        """The chunk visited i-th."""
+        return self.n_chunks - 1 - i if self.reverse else i
+
+    def out_shape(self):
+        nv, b, h = self.grid
+        _, _, tp, dp, dvp = self.shape
+        shapes = [jax.ShapeDtypeStruct((b, h, tp, dvp) if s.split else (nv, b, h, tp, dp), s.dtype) for s in self.outs]
+        if self.emit_state:
+            shapes.append(jax.ShapeDtypeStruct((b, h, dp, dvp), F32))
+        if self.with_sums:
+            shapes.append(jax.ShapeDtypeStruct((nv, b, h) + self.blocks.acc_tile, F32))
+        return shapes
+
+    def specs(self, scales_spec, rows, row_block):
+        """(in_specs, out_specs): sequences in blocks of `rows` tokens at row_block(*grid axes after the head)."""
+        dp, bv = self.shape[3], self.value_block
+
+        def seq(s, is_out):
             if s.split:
-                return pl.BlockSpec((None, None, c, bv), lambda iv, ib, ih, i: (ib, ih, chunk_of(i), iv))
+                return pl.BlockSpec((None, None, rows, bv), lambda iv, ib, ih, *i: (ib, ih, row_block(*i), iv))
             if is_out:
-                return pl.BlockSpec((None, None, None, c, dp), lambda iv, ib, ih, i: (iv, ib, ih, chunk_of(i), 0))
-            return pl.BlockSpec((None, None, c, dp), lambda iv, ib, ih, i: (ib, ih, chunk_of(i), 0))
+                return pl.BlockSpec((None, None, None, rows, dp), lambda iv, ib, ih, *i: (iv, ib, ih, row_block(*i), 0))
+            return pl.BlockSpec((None, None, rows, dp), lambda iv, ib, ih, *i: (ib, ih, row_block(*i), 0))
 
-        state_spec = pl.BlockSpec((None, None, dp, bv), lambda iv, ib, ih, i: (ib, ih, 0, iv))
-        in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM)] + [seq_spec(s, False) for s in specs_in] + [state_spec]
-        out_specs = [seq_spec(s, True) for s in specs_out]
-        if emit_state:
-            out_specs.append(state_spec)
-        if with_sums:
-            out_specs.append(pl.BlockSpec((None, None, None) + _ACC_TILE, lambda iv, ib, ih, i: (iv, ib, ih, 0, 0)))
+        state = pl.BlockSpec((None, None, dp, bv), lambda iv, ib, ih, *_: (ib, ih, 0, iv))
+        outs = [seq(s, True) for s in self.outs] + [state] * self.emit_state
+        if self.with_sums:
+            outs.append(pl.BlockSpec((None, None, None) + self.blocks.acc_tile, lambda iv, ib, ih, *_: (iv, ib, ih, 0, 0)))
+        return [scales_spec] + [seq(s, False) for s in self.ins] + [state], outs
 
-        def kernel(scales_ref, *refs):
-            seq_refs, state0_ref = refs[:n_in], refs[n_in]
-            out_refs = refs[n_in + 1 : n_in + 1 + n_out]
-            extra = list(refs[n_in + 1 + n_out : -1])
-            state_out_ref = extra.pop(0) if emit_state else None
-            sums_ref = extra.pop(0) if with_sums else None
-            state_ref = refs[-1]
-            i = pl.program_id(3)
+    def refs(self, refs) -> Refs:
+        n_in, n_out = len(self.ins), len(self.outs)
+        rest = list(refs[2 + n_in + n_out :])
+        final = rest.pop(0) if self.emit_state else None
+        sums = rest.pop(0) if self.with_sums else None
+        return Refs(refs[0], refs[1 : 1 + n_in], refs[1 + n_in], refs[2 + n_in : 2 + n_in + n_out], final, sums,
+                    tuple(rest))
 
-            @pl.when(i == 0)
-            def _():
-                state_ref[...] = state0_ref[...]
-                if with_sums:
-                    sums_ref[...] = jnp.zeros(_ACC_TILE, F32)
+    def run_chunk(self, r: Refs, state, at):
+        """One chunk at index `at` of the sequence refs: read the inputs, write the outputs; (new state, sums)."""
+        state, outs, sums = self.step(r.scales[0], r.scales[1], state, *(ref[at] for ref in r.seqs))
+        for ref, val in zip(r.outs, outs):
+            ref[at] = val.astype(ref.dtype)
+        return state, sums
 
-            state, outs, sums = step(scales_ref[0], scales_ref[1], state_ref[...], *(r[...] for r in seq_refs))
-            for ref, val in zip(out_refs, outs):
-                ref[...] = val.astype(ref.dtype)
-            state_ref[...] = state
-            if with_sums:
-                sums_ref[...] += _pack_sums(sums)  # the block stays resident across the chunk axis
-            if emit_state:
-                @pl.when(i == n - 1)
-                def _():
-                    state_out_ref[...] = state
+    def pack_sums(self, sums):
+        """The two [1, 1] sums as the acc tile: row 0 d local_scale, row 1 d global_scale, zeros elsewhere."""
+        row = lax.broadcasted_iota(jnp.int32, self.blocks.acc_tile, 0)
+        return jnp.where(row == 0, sums[0], jnp.where(row == 1, sums[1], 0.0))
 
-        call = pl.pallas_call(
-            kernel,
-            out_shape=out_shape,
-            grid=(nv, b, h, n),
-            in_specs=in_specs,
-            out_specs=out_specs,
-            scratch_shapes=[pltpu.VMEM((dp, bv), F32)],
-            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-            interpret=cfg.interpret,
-            name=f"linear_scan_{step.func.__name__.strip('_')}",
-        )
-    else:
-        def seq_spec(s, is_out):
-            if s.split:
-                return pl.BlockSpec((None, None, tp, bv), lambda iv, ib, ih: (ib, ih, 0, iv))
-            if is_out:
-                return pl.BlockSpec((None, None, None, tp, dp), lambda iv, ib, ih: (iv, ib, ih, 0, 0))
-            return pl.BlockSpec((None, None, tp, dp), lambda iv, ib, ih: (ib, ih, 0, 0))
 
-        state_spec = pl.BlockSpec((None, None, dp, bv), lambda iv, ib, ih: (ib, ih, 0, iv))
-        in_specs = [pl.BlockSpec((2,), lambda iv, ib, ih: (0,))] + [seq_spec(s, False) for s in specs_in] + [state_spec]
-        out_specs = [seq_spec(s, True) for s in specs_out]
-        if emit_state:
-            out_specs.append(state_spec)
-        if with_sums:
-            out_specs.append(pl.BlockSpec((None, None, None) + _ACC_TILE, lambda iv, ib, ih: (iv, ib, ih, 0, 0)))
-
-        def kernel(scales_ref, *refs):
-            seq_refs, state0_ref = refs[:n_in], refs[n_in]
-            out_refs = refs[n_in + 1 : n_in + 1 + n_out]
-            extra = list(refs[n_in + 1 + n_out :])
-            state_out_ref = extra.pop(0) if emit_state else None
-            sums_ref = extra.pop(0) if with_sums else None
-            ls, gs = scales_ref[0], scales_ref[1]
-
-            def body(j, carry):
-                state, sums = carry
-                i = n - 1 - j if reverse else j
-                rows = pl.ds(pl.multiple_of(i * c, c), c)
-                state, outs, new = step(ls, gs, state, *(r[rows, :] for r in seq_refs))
-                for ref, val in zip(out_refs, outs):
-                    ref[rows, :] = val.astype(ref.dtype)
-                if with_sums:
-                    sums = tuple(a + d for a, d in zip(sums, new))
-                return state, sums
-
-            zero = jnp.zeros((1, 1), F32)
-            state, sums = lax.fori_loop(0, n, body, (state0_ref[...], (zero, zero) if with_sums else ()))
-            if emit_state:
-                state_out_ref[...] = state
-            if with_sums:
-                sums_ref[...] = _pack_sums(sums)
-
-        call = pl.pallas_call(
-            kernel,
-            out_shape=out_shape,
-            grid=(nv, b, h),
-            in_specs=in_specs,
-            out_specs=out_specs,
-            compiler_params=pltriton.CompilerParams(num_warps=4 if dp * bv <= 64 * 64 else 8, num_stages=2),
-            interpret=cfg.interpret,
-            name=f"linear_scan_{step.func.__name__.strip('_')}",
-        )
-    return call(scales, *seqs_in, state0)
+def _sweep(cfg: _Config, dims, step, scales, state0, seqs_in, ins, outs, *, reverse, emit_state, with_sums):
+    """Run `step` over the chunks on cfg's backend. Returns the sequence outputs, then the final state if
+    emit_state, then the summed-scalar tiles [NV, B, H, *acc_tile] if with_sums."""
+    b, h = seqs_in[0].shape[:2]
+    plan = Sweep(functools.partial(step, cfg.kernel), tuple(ins), tuple(outs), reverse, emit_state, with_sums,
+                 (b, h, dims.tp, dims.dp, dims.dvp), cfg.chunk, dims.bv, cfg.blocks, cfg.interpret)
+    return _BACKENDS[cfg.backend].sweep(plan, scales, seqs_in, state0)
 
 
 # --------------------------------------------------------------------------- layout
 
 
-def _round_up(x, m):
-    return -(-x // m) * m
+class _Dims(NamedTuple):
+    t: int
+    d: int
+    dv: int
+    tp: int  # T padded to whole chunks
+    dp: int  # head dims padded to what the backend tiles
+    dvp: int  # ... and to whole value blocks
+    bv: int  # the value block
 
 
-def _padded_dims(backend, d, dv):
-    """Head dims padded to what the backend tiles: lanes of 128 on TPU, powers of two >= 16 for Triton."""
-    if backend == "tpu":
-        return _round_up(d, 128), _round_up(dv, 128)
-    return max(16, pl.next_power_of_2(d)), max(16, pl.next_power_of_2(dv))
+def _dims(cfg, q, v) -> _Dims:
+    t, d, dv = q.shape[1], q.shape[3], v.shape[3]
+    return _Dims(t, d, dv, pl.cdiv(t, cfg.chunk) * cfg.chunk, *_BACKENDS[cfg.backend].layout(d, dv, cfg.blocks))
 
 
 def _to_kernel(x, tp, wp):
@@ -302,52 +283,51 @@ def _attention(cfg: _Config, q, k, v, s0, scales):
 
 
 def _forward(cfg, q, k, v, s0, scales):
-    t, d, dv = q.shape[1], q.shape[3], v.shape[3]
-    tp = _round_up(t, cfg.chunk)
-    dp, dvp = _padded_dims(cfg.backend, d, dv)
+    n = _dims(cfg, q, v)
     out, final = _sweep(
-        cfg, _fwd_step, scales, _pad_state(s0, dp, dvp),
-        [_to_kernel(q, tp, dp), _to_kernel(k, tp, dp), _to_kernel(v, tp, dvp)],
+        cfg, n, _fwd_step, scales, _pad_state(s0, n.dp, n.dvp),
+        [_to_kernel(q, n.tp, n.dp), _to_kernel(k, n.tp, n.dp), _to_kernel(v, n.tp, n.dvp)],
         [_Seq(False), _Seq(False), _Seq(True)], [_Seq(True, v.dtype)],
         reverse=False, emit_state=True, with_sums=False,
     )
-    return _from_kernel(out, t, dv), final[:, :, :d, :dv]
+    return _from_kernel(out, n.t, n.dv), final[:, :, :n.d, :n.dv]
 
 
 def _attention_fwd(cfg, q, k, v, s0, scales):
     return _forward(cfg, q, k, v, s0, scales), (q, k, v, s0, scales)
 
 
+def _xla_backward(cfg, residuals, cotangents):
+    """The debug backward: autodiff of the XLA form."""
+    def xla(q, k, v, s0, scales):
+        out, final = reference.chunked(q, k, v, chunk_size=cfg.chunk, local_kernel=cfg.kernel, initial_state=s0,
+                                       local_scale=scales[0], global_scale=scales[1])
+        return out.astype(v.dtype), final
+
+    return jax.vjp(xla, *residuals)[1](cotangents)
+
+
 def _attention_bwd(cfg, residuals, cotangents):
+    if cfg.backward == "xla":
+        return _xla_backward(cfg, residuals, cotangents)
     q, k, v, s0, scales = residuals
     d_out, d_final = cotangents
-    if cfg.backward == "xla":
-        def xla(q, k, v, s0, scales):
-            out, final = reference.chunked(q, k, v, chunk_size=cfg.chunk, local_kernel=cfg.kernel, initial_state=s0,
-                                           local_scale=scales[0], global_scale=scales[1])
-            return out.astype(v.dtype), final
-
-        return jax.vjp(xla, q, k, v, s0, scales)[1]((d_out, d_final))
-
-    t, d, dv = q.shape[1], q.shape[3], v.shape[3]
-    tp = _round_up(t, cfg.chunk)
-    dp, dvp = _padded_dims(cfg.backend, d, dv)
-    nv = 1 if cfg.backend == "tpu" else dvp // min(_GPU_VALUE_BLOCK, dvp)
-    seqs = [_to_kernel(q, tp, dp), _to_kernel(k, tp, dp), _to_kernel(v, tp, dvp), _to_kernel(d_out, tp, dvp)]
+    n = _dims(cfg, q, v)
+    seqs = [_to_kernel(x, n.tp, w) for x, w in ((q, n.dp), (k, n.dp), (v, n.dvp), (d_out, n.dvp))]
     kinds = [_Seq(False), _Seq(False), _Seq(True), _Seq(True)]
-    partial_dtype = lambda x: x.dtype if nv == 1 else F32  # dq, dk: partial sums over value blocks
+    partial_dtype = lambda x: x.dtype if n.dvp == n.bv else F32  # dq, dk: partial sums over value blocks
 
-    dq, sums = _sweep(cfg, _dq_step, scales, _pad_state(s0, dp, dvp), seqs, kinds,
+    dq, sums = _sweep(cfg, n, _dq_step, scales, _pad_state(s0, n.dp, n.dvp), seqs, kinds,
                       [_Seq(False, partial_dtype(q))], reverse=False, emit_state=False, with_sums=True)
-    dk, dv_, d_s0 = _sweep(cfg, _dkv_step, scales, _pad_state(d_final, dp, dvp), seqs, kinds,
-                           [_Seq(False, partial_dtype(k)), _Seq(True, v.dtype)], reverse=True, emit_state=True,
-                           with_sums=False)
+    dk, dv, d_s0 = _sweep(cfg, n, _dkv_step, scales, _pad_state(d_final, n.dp, n.dvp), seqs, kinds,
+                          [_Seq(False, partial_dtype(k)), _Seq(True, v.dtype)], reverse=True, emit_state=True,
+                          with_sums=False)
     sums = jnp.sum(sums[..., :2, 0], axis=(0, 1, 2))
     return (
-        _from_kernel(jnp.sum(dq, axis=0, dtype=F32).astype(q.dtype), t, d),
-        _from_kernel(jnp.sum(dk, axis=0, dtype=F32).astype(k.dtype), t, d),
-        _from_kernel(dv_, t, dv),
-        d_s0[:, :, :d, :dv],
+        _from_kernel(jnp.sum(dq, axis=0, dtype=F32).astype(q.dtype), n.t, n.d),
+        _from_kernel(jnp.sum(dk, axis=0, dtype=F32).astype(k.dtype), n.t, n.d),
+        _from_kernel(dv, n.t, n.dv),
+        d_s0[:, :, :n.d, :n.dv],
         sums.astype(scales.dtype),
     )
 
@@ -361,10 +341,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def _resolve_backend(backend, interpret):
     if backend is None:
         platform = jax.default_backend()
-        if platform == "tpu":
-            return "tpu"
-        if platform in ("gpu", "cuda", "rocm"):
-            return "gpu"
+        if PLATFORM_KINDS.get(platform) in BACKENDS:
+            return PLATFORM_KINDS[platform]
         if interpret:
             return "tpu"  # on CPU the interpreter runs the TPU kernels unless told otherwise
         raise ValueError(
@@ -377,7 +355,7 @@ def _resolve_backend(backend, interpret):
     return backend
 
 
-def _check(q, k, v, initial_state, chunk_size, local_kernel, backend, backward, interpret):
+def _check(q, k, v, initial_state, chunk_size, local_kernel, backend, backward, interpret, blocks):
     if isinstance(interpret, pltpu.InterpretParams) and backend != "tpu":
         raise ValueError("interpret=pltpu.InterpretParams(...) is the TPU interpreter: use it with backend='tpu'")
     if local_kernel not in LOCAL_KERNELS:
@@ -391,14 +369,14 @@ def _check(q, k, v, initial_state, chunk_size, local_kernel, backend, backward, 
     b, _, h, d = q.shape
     if initial_state is not None and initial_state.shape != (b, h, d, v.shape[3]):
         raise ValueError(f"initial_state must be [B, H, D, Dv] = {(b, h, d, v.shape[3])}; got {initial_state.shape}")
-    if backend == "tpu" and (chunk_size < 16 or chunk_size % 16):
-        raise ValueError(f"chunk_size={chunk_size}: the TPU kernels need a multiple of 16 (bf16 sublane tiling)")
-    if backend == "gpu" and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
-        raise ValueError(f"chunk_size={chunk_size}: the Triton kernels need a power of two >= 16")
+    if not isinstance(blocks, BlockSizes):
+        raise ValueError(f"blocks={blocks!r} is not a pallas_kernels.BlockSizes")
+    _BACKENDS[backend].check_chunk(chunk_size)
 
 
 def chunked_linear_attention(q, k, v, *, chunk_size, local_kernel, initial_state=None, return_final_state=False,
-                             interpret=False, local_scale=1.0, global_scale=1.0, backend=None, backward="pallas"):
+                             interpret=False, local_scale=1.0, global_scale=1.0, backend=None, backward="pallas",
+                             blocks=BlockSizes()):
     """Chunked causal linear attention as Pallas kernels, differentiable (custom_vjp).
 
     q, k [B, T, H, D], v [B, T, H, Dv], one floating dtype; used as given (feature maps and
@@ -422,15 +400,16 @@ def chunked_linear_attention(q, k, v, *, chunk_size, local_kernel, initial_state
     interpret: True runs the kernels in Pallas' generic interpreter (CPU tests); a
     pltpu.InterpretParams runs the TPU kernels in the TPU-semantics interpreter (uninitialised
     memory as NaN, race detection). backward: "pallas" (the kernels) or "xla" (autodiff of
-    pallas_kernels.reference.chunked, for debugging).
+    pallas_kernels.reference.chunked, for debugging). blocks: the kernels' tiling (`BlockSizes`).
     """
     backend = _resolve_backend(backend, interpret)
-    _check(q, k, v, initial_state, chunk_size, local_kernel, backend, backward, interpret)
+    _check(q, k, v, initial_state, chunk_size, local_kernel, backend, backward, interpret, blocks)
     b, _, h, d = q.shape
     s0 = jnp.zeros((b, h, d, v.shape[3]), F32) if initial_state is None else initial_state.astype(F32)
     scales = jnp.stack([jnp.asarray(local_scale, F32), jnp.asarray(global_scale, F32)])
     interpret = interpret if isinstance(interpret, pltpu.InterpretParams) else bool(interpret)
-    cfg = _Config(chunk=chunk_size, kernel=local_kernel, backend=backend, interpret=interpret, backward=backward)
+    cfg = _Config(chunk=chunk_size, kernel=local_kernel, backend=backend, interpret=interpret, backward=backward,
+                  blocks=blocks)
     out, final = _attention(cfg, q, k, v, s0, scales)
     return (out, final) if return_final_state else out
 
@@ -457,10 +436,10 @@ def normalized(attention, q, k, v, *, eps=1e-6, initial_state=None, return_final
 
 def chunked_linear_attention_normalized(q, k, v, *, chunk_size, local_kernel="dot", eps=1e-6, initial_state=None,
                                         return_final_state=False, interpret=False, local_scale=1.0,
-                                        global_scale=1.0, backend=None, backward="pallas"):
+                                        global_scale=1.0, backend=None, backward="pallas", blocks=BlockSizes()):
     """`chunked_linear_attention` divided by its own sum of scores (see `normalized`); v gets one extra
     column, which costs a padded value block when Dv is already a multiple of the tile (e.g. 128)."""
     return normalized(chunked_linear_attention, q, k, v, eps=eps, initial_state=initial_state,
                       return_final_state=return_final_state, chunk_size=chunk_size, local_kernel=local_kernel,
                       interpret=interpret, local_scale=local_scale, global_scale=global_scale, backend=backend,
-                      backward=backward)
+                      backward=backward, blocks=blocks)

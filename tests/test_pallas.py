@@ -21,6 +21,10 @@ from lin_llm.attention import linear as lin
 from pallas_kernels import reference
 
 F32 = jnp.float32
+# The one switch of these tests between Pallas' interpreter (CPU) and compiled kernels; the
+# TPU-semantics interpreter test, the argument checks and the flag "pallas_interpret" (here and in
+# tests/test_pallas_model.py) interpret regardless.
+INTERPRET = True
 # fp32: products are exact-ish and sums run over <= 1000 terms in a different order than the
 # oracle's; sqrt(1000) * 2^-24 ~ 2e-6 typical, and bugs show up as O(1) relative errors.
 FP32_TOL = 2e-5
@@ -65,11 +69,11 @@ def _value_and_grads(fn, args, d_out, d_state):
     return outs, dict(zip(argnums, grads))
 
 
-def _kernel_fn(chunk_size, local_kernel, backend, backward="pallas"):
+def _kernel_fn(chunk_size, local_kernel, backend, backward="pallas", blocks=pallas_kernels.BlockSizes()):
     def fn(q, k, v, s0, ls, gs):
         return pallas_kernels.chunked_linear_attention(
             q, k, v, chunk_size=chunk_size, local_kernel=local_kernel, initial_state=s0, return_final_state=True,
-            interpret=True, local_scale=ls, global_scale=gs, backend=backend, backward=backward)
+            interpret=INTERPRET, local_scale=ls, global_scale=gs, backend=backend, backward=backward, blocks=blocks)
     return fn
 
 
@@ -232,7 +236,7 @@ def test_split_resume(kind, split):
     split; "dot" with equal scales is plain causal LA, where any split works."""
     q, k, v, s0, _, _ = _inputs(11, 200, 64, 64, F32)
     run = lambda q, k, v, s: pallas_kernels.chunked_linear_attention(
-        q, k, v, chunk_size=64, local_kernel=kind, initial_state=s, return_final_state=True, interpret=True)
+        q, k, v, chunk_size=64, local_kernel=kind, initial_state=s, return_final_state=True, interpret=INTERPRET)
     whole, whole_state = run(q, k, v, s0)
     first, mid_state = run(q[:, :split], k[:, :split], v[:, :split], s0)
     second, end_state = run(q[:, split:], k[:, split:], v[:, split:], mid_state)
@@ -255,7 +259,7 @@ def test_normalized_matches_library():
     def ours(x_q, x_k, v, ls, gs):
         return pallas_kernels.chunked_linear_attention_normalized(
             feature_maps.elu_plus_one(x_q), feature_maps.elu_plus_one(x_k), v, chunk_size=64, local_kernel="dot",
-            eps=1e-6, interpret=True, local_scale=ls, global_scale=gs)
+            eps=1e-6, interpret=INTERPRET, local_scale=ls, global_scale=gs)
 
     args = (x_q, x_k, v, jnp.float32(0.8), jnp.float32(1.2))
     assert _rel(jax.jit(ours)(*args), lib(*args)) < FP32_TOL
@@ -271,7 +275,7 @@ def test_normalized_state_resume():
     q, k, v, _, _, _ = _inputs(13, 130, 32, 16, F32)
     q, k = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1
     run = lambda q, k, v, s: pallas_kernels.chunked_linear_attention_normalized(
-        q, k, v, chunk_size=64, initial_state=s, return_final_state=True, interpret=True, backend="gpu")
+        q, k, v, chunk_size=64, initial_state=s, return_final_state=True, interpret=INTERPRET, backend="gpu")
     whole, (s_whole, z_whole) = run(q, k, v, None)
     first, state = run(q[:, :45], k[:, :45], v[:, :45], None)
     second, (s_end, z_end) = run(q[:, 45:], k[:, 45:], v[:, 45:], state)
@@ -347,6 +351,82 @@ def test_argument_errors():
         call(interpret=False)
 
 
+# --------------------------------------------------------------------------- block sizes
+
+
+def _pallas_grids(fn, *args):
+    """The grids of the pallas_calls fn traces to (a gradient's backward kernels included), in order."""
+    from jax.extend import core as jex_core
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                yield eqn.params["grid_mapping"].grid
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    if isinstance(sub, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
+                        yield from walk(getattr(sub, "jaxpr", sub))
+
+    return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+# (backend, value dim, blocks, value blocks with them): the defaults give one value block for both
+# value dims (TPU: 200 -> 256 columns, all in one block; GPU: 48 -> 64 columns, one 64-column block).
+BLOCK_CASES = [
+    ("gpu", 48, pallas_kernels.BlockSizes(gpu_value_block=16, gpu_num_warps=2, gpu_num_stages=1, acc_tile=(2, 16)), 4),
+    ("tpu", 200, pallas_kernels.BlockSizes(tpu_value_block=128, acc_tile=(2, 16)), 2),
+]
+
+
+@pytest.mark.parametrize("backend,dv,blocks,n_blocks", BLOCK_CASES)
+def test_block_sizes_set_the_grid(backend, dv, blocks, n_blocks):
+    q, k, v, s0, d_out, d_state = _inputs(23, 100, 32, dv, F32)
+    args = (q, k, v, s0, jnp.float32(0.7), jnp.float32(1.3))
+    grad = lambda f: jax.grad(_loss(f, d_out, d_state), argnums=range(6))
+    assert [g[0] for g in _pallas_grids(grad(_kernel_fn(64, "relu2", backend)), *args)] == [1, 1, 1]
+    assert [g[0] for g in _pallas_grids(grad(_kernel_fn(64, "relu2", backend, blocks=blocks)), *args)] == [n_blocks] * 3
+
+
+def test_block_sizes_keep_the_results():
+    """Two TPU value blocks (dq, dk become partial sums over blocks) and a (2, 16) acc tile (the
+    scale-gradient sums move): values and every gradient still match the oracle. Triton value
+    blocks are covered by the value dim 96 case of test_forward_and_gradients_fp32."""
+    q, k, v, s0, d_out, d_state = _inputs(23, 100, 32, 200, F32)
+    args = (q, k, v, s0, jnp.float32(0.7), jnp.float32(1.3))
+    got, got_grads = _value_and_grads(_kernel_fn(64, "relu2", "tpu", blocks=BLOCK_CASES[1][2]), args, d_out, d_state)
+    want, want_grads = _value_and_grads(lambda *a: oracle(*a, chunk_size=64, local_kernel="relu2"), args, d_out,
+                                        d_state)
+    assert _rel(got[0], want[0]) < FP32_TOL and _rel(got[1], want[1]) < FP32_TOL
+    scales = _grad_scales(args, d_out, 64, "relu2")
+    for i in want_grads:
+        assert _rel(got_grads[i], want_grads[i], scales.get(i)) < FP32_TOL, NAMES[i]
+
+
+def test_impl_passes_block_sizes():
+    blocks = pallas_kernels.BlockSizes(gpu_value_block=16)
+    impl = pallas_kernels.select_impl("pallas_interpret", "gpu", blocks=blocks)
+    assert impl == pallas_kernels.Impl("pallas_interpret", "gpu", blocks)
+    q, v = jnp.zeros((1, 40, 2, 8)), jnp.zeros((1, 40, 2, 48))
+    assert _pallas_grids(lambda q, k, v: impl(q, k, v, chunk_size=16, local_kernel="dot"), q, q, v) == [(4, 1, 2)]
+    assert _pallas_grids(lambda q, k, v: impl.normalized(q, k, v, chunk_size=16, local_kernel="dot"), q, q, v) == [(4, 1, 2)]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("tpu_value_block", 64), ("tpu_value_block", 0), ("gpu_value_block", 48), ("gpu_value_block", 8),
+    ("gpu_num_warps", 3), ("gpu_num_stages", 0), ("acc_tile", (1, 128)), ("acc_tile", (8, 100)), ("acc_tile", [8, 128]),
+])
+def test_block_sizes_errors(field, value):
+    with pytest.raises(ValueError, match=f"BlockSizes.{field}="):
+        pallas_kernels.BlockSizes(**{field: value})
+
+
+def test_blocks_argument_must_be_block_sizes():
+    q = jnp.zeros((1, 16, 2, 8))
+    with pytest.raises(ValueError, match="is not a pallas_kernels.BlockSizes"):
+        pallas_kernels.chunked_linear_attention(q, q, q, chunk_size=16, local_kernel="dot", interpret=True,
+                                                blocks={"gpu_value_block": 16})
+
+
 # --------------------------------------------------------------------------- lowering (no execution)
 
 LLAMA = dict(b=1, t=4096, h=32, d=128)  # one LLaMA-2-7B attention layer
@@ -397,6 +477,24 @@ def test_normalized_lowers(backend, platform):
 
     assert _kernel_calls(_lower(jax.grad(loss, argnums=(0, 1, 2)), platform, x, x, x), platform)[0] == 3
 
+
+@pytest.mark.parametrize("backend,platform,blocks", [
+    ("tpu", "tpu", pallas_kernels.BlockSizes(tpu_value_block=128, acc_tile=(16, 128))),
+    ("gpu", "cuda", pallas_kernels.BlockSizes(gpu_value_block=32, gpu_num_warps=2, gpu_num_stages=3, acc_tile=(2, 16))),
+])
+def test_block_sizes_lower(backend, platform, blocks):
+    """Non-default tiling lowers too (two TPU value blocks; eight Triton ones, with its warps and stages)."""
+    x, xv = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16), jax.ShapeDtypeStruct((1, 256, 2, 256), jnp.bfloat16)
+
+    def loss(q, k, v):
+        return jnp.sum(pallas_kernels.chunked_linear_attention(
+            q, k, v, chunk_size=64, local_kernel="relu2", backend=backend, blocks=blocks).astype(F32))
+
+    text = _lower(jax.grad(loss, argnums=(0, 1, 2)), platform, x, x, xv)
+    assert _kernel_calls(text, platform)[0] == 3
+    if platform == "cuda":
+        assert text.count("grid_x = 8 : i32") == 3 and text.count("num_warps = 2 : i32") == 3, "Triton launch"
+        assert text.count("num_stages = 3 : i32") == 3
 
 def test_tpu_lowering_rejects_untiled_blocks():
     """The lowering checks are real: a block breaking Mosaic's (8, 128) tiling fails to lower, which
