@@ -1,0 +1,1 @@
+"""Command-line entry points: argparse over the library, no logic a test could not call."""
