@@ -265,6 +265,19 @@ def load_checkpoint_like(model, **overrides):
     return model_from_flat_params(dataclasses.replace(model.cfg, **overrides), flat_params(model))
 
 
+@pytest.mark.slow
+def test_smollm2_retrieves_passkeys_at_512_and_1024_tokens(smollm2_checkpoint):
+    """The real teacher finds every key hidden anywhere but at depth 1.0. There, with the needle's
+    last words ("... is the pass key.") just before the question, SmolLM2-135M often answers
+    " the pass key." instead (3 of 8 keys right at 256 tokens; transformers' greedy generate gives
+    the same answers), so that depth is measured (see the README) but not asserted here."""
+    model = load_checkpoint(smollm2_checkpoint)
+    tokenizer = load_tokenizer(smollm2_checkpoint, model.cfg.bos_id, model.cfg.eos_id)
+    plan = passkey_plan(model, tokenizer, [512, 1024], depths=[0.0, 0.25, 0.5, 0.75], trials=2)
+    accuracy = passkey_accuracy(model, tokenizer, plan, batch_size=8)
+    assert accuracy == {c: {0.0: 1.0, 0.25: 1.0, 0.5: 1.0, 0.75: 1.0} for c in (512, 1024)}
+
+
 # --------------------------------------------------------------------------- the CLI
 
 

@@ -82,7 +82,8 @@ def evaluated(checkpoint, task_dir):
 
     return lm_eval.simple_evaluate(
         model="lin_llm", model_args=f"checkpoint={checkpoint},max_length={MAX_LENGTH}", tasks=list(TASKS),
-        batch_size=3, task_manager=TaskManager(include_path=str(task_dir)), log_samples=True,
+        batch_size=3, task_manager=TaskManager(include_path=str(task_dir), include_defaults=False), log_samples=True,
+        bootstrap_iters=0,  # no stderr estimates: bootstrapping forks worker processes
     )
 
 
@@ -165,6 +166,7 @@ def test_generate_until_is_greedy_generation_cut_at_the_stop_string(evaluated, m
         assert sample["resps"][0][0] == text.split(".")[0]
 
 
+@pytest.mark.slow  # lm_eval's CLI indexes all of its built-in tasks first (~30 s)
 def test_the_command_line_runs_lm_eval_with_the_model_registered(checkpoint, task_dir, tmp_path, capsys):
     from lin_llm.lm_eval_adapter import main
 
