@@ -169,7 +169,9 @@ class LinLLM(TemplateLM):
         return results
 
     def _generate_batch(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
-        until = handle_stop_sequences(gen_kwargs.pop("until", None), eos=self.tok_decode([self.eot_token_id]) or None)
+        until = gen_kwargs.pop("until", None)  # a copy: handle_stop_sequences appends to the list it is given
+        until = [until] if isinstance(until, str) else list(until or [])
+        until = handle_stop_sequences(until, eos=self.tok_decode([self.eot_token_id]) or None)
         max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
         if not 1 <= max_new < self.max_length:
             raise ValueError(f"max_gen_toks={max_new} must be between 1 and max_length - 1 = {self.max_length - 1}")

@@ -28,7 +28,7 @@ from lin_llm.evaluation import (
     passkey_prompt,
     sliding_window_perplexity,
 )
-from lin_llm.tokenizer import ByteTokenizer, load_tokenizer
+from lin_llm.tokenizer import ByteTokenizer, load_tokenizer, model_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 BOS = 1  # the tiny HF LLaMA's bos_token_id
@@ -272,7 +272,7 @@ def test_smollm2_retrieves_passkeys_at_512_and_1024_tokens(smollm2_checkpoint):
     " the pass key." instead (3 of 8 keys right at 256 tokens; transformers' greedy generate gives
     the same answers), so that depth is measured (see the README) but not asserted here."""
     model = load_checkpoint(smollm2_checkpoint)
-    tokenizer = load_tokenizer(smollm2_checkpoint, model.cfg.bos_id, model.cfg.eos_id)
+    tokenizer = model_tokenizer(smollm2_checkpoint, model.cfg)
     plan = passkey_plan(model, tokenizer, [512, 1024], depths=[0.0, 0.25, 0.5, 0.75], trials=2)
     accuracy = passkey_accuracy(model, tokenizer, plan, batch_size=8)
     assert accuracy == {c: {0.0: 1.0, 0.25: 1.0, 0.5: 1.0, 0.75: 1.0} for c in (512, 1024)}
