@@ -5,7 +5,8 @@
   (``train.dataset``) when the machine has network. The default is the embedded corpus
   ``data/kjv.txt.xz`` (see data/README.md).
 - Tokenizers: bytes (no files), or the HF ``tokenizer.json`` of a converted checkpoint.
-- Each document becomes [BOS] tokens [EOS]; documents are concatenated and cut into
+- Each document becomes its tokens with the tokenizer's own special tokens (BOS where the
+  tokenizer adds one), then EOS; documents are concatenated and cut into
   sequences of seq_len + 1 tokens (inputs and shifted targets) at a stride of seq_len.
 - Validation: a fixed set of held-out documents (the same whatever train.seed, so
   perplexities of different runs compare), or the stream's tail when there are few documents.
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lin_llm.config import ModelConfig, TrainConfig
-from lin_llm.errors import DataError
+from lin_llm.errors import DataError, TokenizerError
 from lin_llm.tokenizer import ByteTokenizer, load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -123,12 +124,12 @@ def load_documents(t: TrainConfig, cache_dir: str | Path | None = None) -> list[
 def training_tokenizer(t: TrainConfig, model: ModelConfig):
     """train.tokenizer: byte | auto (init_from's tokenizer.json, else bytes) | a directory."""
     if t.tokenizer == "byte":
-        tok = ByteTokenizer()
+        tok = ByteTokenizer(prepend_bos=model.bos_id is not None)
     else:
         directory = t.init_from if t.tokenizer == "auto" else t.tokenizer
         try:
             tok = load_tokenizer(directory, model.bos_id, model.eos_id, required=t.tokenizer != "auto")
-        except DataError as err:
+        except TokenizerError as err:
             raise DataError(f"train.tokenizer={t.tokenizer!r}: {err}, or set train.tokenizer=byte") from None
     if tok.vocab_size > model.vocab_size:
         raise DataError(
@@ -142,16 +143,17 @@ def training_tokenizer(t: TrainConfig, model: ModelConfig):
 
 
 def _encode(tokenizer, doc: str) -> np.ndarray:
-    if isinstance(tokenizer, ByteTokenizer):
-        return np.frombuffer(doc.encode("utf-8"), np.uint8).astype(np.int32)
-    return np.asarray(tokenizer.encode(doc), np.int32)
+    """A document's ids with the tokenizer's own special tokens: its BOS where it adds one (as
+    evaluation and decoding encode a text)."""
+    if isinstance(tokenizer, ByteTokenizer):  # the fast path of ByteTokenizer.encode
+        ids = np.frombuffer(doc.encode("utf-8"), np.uint8).astype(np.int32)
+        return np.concatenate([np.asarray([tokenizer.bos_id], np.int32), ids]) if tokenizer.prepend_bos else ids
+    return np.asarray(tokenizer.encode(doc, add_special_tokens=True), np.int32)
 
 
-def _stream(docs: list[str], tokenizer, bos: int | None, eos: int | None) -> np.ndarray:
+def _stream(docs: list[str], tokenizer, eos: int | None) -> np.ndarray:
     parts = []
     for doc in docs:
-        if bos is not None:
-            parts.append(np.asarray([bos], np.int32))
         parts.append(_encode(tokenizer, doc))
         if eos is not None:
             parts.append(np.asarray([eos], np.int32))
@@ -193,13 +195,12 @@ def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], li
 
 
 def build_corpus(docs: list[str], tokenizer, model: ModelConfig, seq_len: int, val_fraction: float, source="") -> Corpus:
-    bos = model.bos_id
     eos = model.eos_id if model.eos_id is not None else getattr(tokenizer, "eos_id", None)
     split = split_documents(docs, val_fraction)
     if split is not None:
-        train, val = (_stream(part, tokenizer, bos, eos) for part in split)
+        train, val = (_stream(part, tokenizer, eos) for part in split)
     else:
-        stream = _stream(docs, tokenizer, bos, eos)
+        stream = _stream(docs, tokenizer, eos)
         cut = len(stream) - int(round(val_fraction * len(stream)))
         train, val = stream[:cut], stream[cut:]
     corpus = Corpus(train=train, val=val, seq_len=seq_len, source=source)

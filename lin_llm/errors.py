@@ -29,5 +29,13 @@ class TrainError(LinLLMError):
     """Something about a training run's inputs must change before training can start."""
 
 
+class TokenizerError(LinLLMError):
+    """A checkpoint has no tokenizer that fits its model."""
+
+
+class EvaluationError(LinLLMError):
+    """An evaluation request (data, window, contexts) does not fit the model or the text."""
+
+
 class DecodeError(LinLLMError):
     """A decoding request (prompt, sampling arguments, draft or heads) cannot be served."""

@@ -34,7 +34,7 @@ def test_the_embedded_corpus_is_real_public_domain_text_of_4mb():
 def test_packing_joins_documents_with_bos_eos_and_cuts_overlapping_windows():
     cfg = _train_cfg()
     docs = [f"document number {i} " * 3 for i in range(40)]
-    corpus = D.build_corpus(docs, ByteTokenizer(), cfg.model, seq_len=16, val_fraction=0.1)
+    corpus = D.build_corpus(docs, ByteTokenizer(prepend_bos=True), cfg.model, seq_len=16, val_fraction=0.1)
     assert corpus.train[0] == 256 and (corpus.train == 257).sum() == 36 and (corpus.val == 257).sum() == 4
     seqs = D.sequences(corpus.train, np.arange(corpus.n_train), 16)
     assert seqs.shape == (corpus.n_train, 17)

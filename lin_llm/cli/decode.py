@@ -18,9 +18,9 @@ import time
 
 from lin_llm import benchmarking
 from lin_llm.decoding.text import IncrementalText, decode_tokens, encode_prompt
-from lin_llm.errors import CheckpointError, LinLLMError
+from lin_llm.errors import LinLLMError
 from lin_llm.io import load_checkpoint
-from lin_llm.tokenizer import load_tokenizer
+from lin_llm.tokenizer import model_tokenizer
 
 
 def _parser():
@@ -49,10 +49,8 @@ def _load(args):
         overrides.append(f"max_seq_len={max(benchmarking.CONTEXTS) + 256}")
     target = load_checkpoint(args.checkpoint, overrides=overrides)
     draft = load_checkpoint(args.draft, overrides=overrides) if args.draft else None
-    tokenizer = load_tokenizer(args.checkpoint, target.cfg.bos_id, target.cfg.eos_id)
-    if tokenizer.vocab_size > target.cfg.vocab_size:
-        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {target.cfg.vocab_size}")
-    return target, draft, tokenizer, encode_prompt(tokenizer, args.prompt, target.cfg.bos_id)
+    tokenizer = model_tokenizer(args.checkpoint, target.cfg)
+    return target, draft, tokenizer, encode_prompt(tokenizer, args.prompt)
 
 
 def _benchmark(args, target, draft, prompt) -> None:

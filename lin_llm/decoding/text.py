@@ -11,12 +11,12 @@ from lin_llm.decoding.speculative import speculative_generate
 from lin_llm.errors import DecodeError
 
 
-def encode_prompt(tokenizer, text: str, bos_id: int | None) -> list[int]:
-    """The prompt's token ids, BOS first when the model has one."""
-    ids = tokenizer.encode(text)
-    if not ids:
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """The prompt's token ids with the tokenizer's own special tokens (its BOS where it adds one,
+    as transformers encodes a prompt), so that decoding continues the text a user typed."""
+    if not tokenizer.encode(text):
         raise DecodeError("the prompt is empty; give some text with --prompt")
-    return ([bos_id] if bos_id is not None else []) + ids
+    return tokenizer.encode(text, add_special_tokens=True)
 
 
 class IncrementalText:
