@@ -20,7 +20,7 @@ IDS = jnp.asarray(np.random.RandomState(0).randint(0, 260, size=(2, 70)))  # 70:
 def _model(name, impl):
     cfg = lin_llm.load_config(None, [
         "model.n_layers=1", "model.dim=64", f"model.attention={name}", f"model.attention_impl={impl}",
-        "model.la.group_size=16", "model.init_std=0.3",
+        "model.la.group_size=16", "model.init_std=0.3", "model.la.learn_lambda=true",
     ]).model
     model = lin_llm.build_model(cfg, seed=0)
     attn = model.layers[0].attn
@@ -38,7 +38,7 @@ def _loss(model, ids):
 _value_and_grad = nnx.jit(nnx.value_and_grad(_loss))
 
 
-@pytest.mark.parametrize("name", ["aug", "global", "local_conv", "elu", "performer+conv", "flash"])
+@pytest.mark.parametrize("name", ["aug", "global", "local_conv", "elu", "performer+conv", "castling", "flash"])
 def test_pallas_interpret_model_equals_xla_model(name):
     (loss_x, grads_x), (loss_p, grads_p) = (_value_and_grad(_model(name, impl), IDS) for impl in ("xla", "pallas_interpret"))
     assert abs(float(loss_x) - float(loss_p)) <= 1e-5 * abs(float(loss_x))

@@ -24,6 +24,7 @@ def _model(attention, seed, n_layers=2, vocab=64):
         f"model.n_layers={n_layers}", f"model.attention={attention}", f"model.la.group_size={GROUP}",
         "model.la.conv_kernel_size=7", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64",
         f"model.vocab_size={vocab}", "model.max_seq_len=96", "train.seq_len=96", "model.init_std=0.3",
+        "model.la.learn_lambda=true",
     ]).model
     model = lin_llm.build_model(cfg, seed=seed)
     for block in model.layers:  # the conv and alpha start at zero: make them act
@@ -45,8 +46,18 @@ def _step_state(model, prompt, tokens):
     return state
 
 
-@pytest.mark.parametrize("attention", ["softmax", "aug", "hedgehog+conv"])
-@pytest.mark.parametrize("draft_kind", ["random", "target"])
+def _greedy_cases():
+    """Every target with an often-wrong and an always-right draft; castling and flash with the slow
+    tests (their verify and commit forms are checked against steps in test_linear_attention, and
+    the speculative loop does not depend on the preset)."""
+    for attention in ("softmax", "aug", "hedgehog+conv", "castling", "flash"):
+        for draft_kind in ("random", "target"):
+            slow = attention in ("castling", "flash")
+            yield pytest.param(attention, draft_kind, id=f"{draft_kind}-{attention}",
+                               marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("attention, draft_kind", list(_greedy_cases()))
 def test_greedy_speculative_equals_greedy_plain(attention, draft_kind):
     target = _model(attention, 1)
     draft = target if draft_kind == "target" else _model("elu", 2, n_layers=1)  # often wrong
@@ -132,6 +143,7 @@ def _medusa_model(attention, head_scale):
         "model.n_layers=2", f"model.attention={attention}", f"model.la.group_size={GROUP}", "model.la.conv_kernel_size=7",
         "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64", "model.vocab_size=64",
         "model.max_seq_len=96", "train.seq_len=96", "model.init_std=0.3", "model.medusa_heads=3",
+        "model.la.learn_lambda=true",
     ]).model
     model = lin_llm.build_model(cfg, seed=6)
     for i, head in enumerate(model.medusa):  # scale 0: every head copies the next-token head
@@ -139,8 +151,10 @@ def _medusa_model(attention, head_scale):
     return model
 
 
-@pytest.mark.parametrize("attention", ["softmax", "aug"])
-@pytest.mark.parametrize("head_scale", [0.0, 0.5])
+@pytest.mark.parametrize(
+    "attention, head_scale",
+    [("softmax", 0.0), ("softmax", 0.5), ("aug", 0.0), ("aug", 0.5), ("castling", 0.5), ("flash", 0.5)],
+)
 def test_medusa_greedy_equals_plain_greedy(attention, head_scale):
     model = _medusa_model(attention, head_scale)
     plain = np.asarray(generate(model, PROMPTS, 30))
