@@ -54,7 +54,7 @@ class Attention(nnx.Module):
                 max_len=cfg.max_seq_len, performer_features=la.feature_dim, seed=la.seed, layer=layer_index,
                 impl=select_impl(cfg.attention_impl),
             )
-            extra = presets.init_params(preset, cfg.n_heads, d, la.conv_kernel_size, la.conv_per_channel)
+            extra = _extra_params(cfg, preset, layer_index)
             for name, value in extra.items():
                 setattr(self, name, nnx.Param(jnp.asarray(value)))
             self.extra = tuple(extra)
@@ -64,13 +64,14 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         d = cfg.resolved_head_dim
         inv_freq = inverse_frequencies(d, cfg.rope)
-        q = apply_rope(self.wq(x).reshape(b, t, cfg.n_heads, d), positions, inv_freq)
-        k = apply_rope(self.wk(x).reshape(b, t, cfg.n_kv_heads, d), positions, inv_freq)
+        q = self.wq(x).reshape(b, t, cfg.n_heads, d)
+        k = self.wk(x).reshape(b, t, cfg.n_kv_heads, d)
         v = self.wv(x).reshape(b, t, cfg.n_kv_heads, d)
-        if self.math is not None:  # linear attention keeps one state per query head
+        if self.math is not None:  # linear attention keeps one state per query head (RoPE is per head)
             rep = cfg.n_heads // cfg.n_kv_heads
             k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-        return q, k, v
+            q, k = layer.before_rope(self.math, self._params(), q, k)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def _params(self) -> dict:
         return {name: getattr(self, name)[...] for name in self.extra}
@@ -288,15 +289,25 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> LlamaModel:
     return LlamaModel(cfg, rngs=nnx.Rngs(seed))
 
 
+def _extra_params(cfg: ModelConfig, preset: presets.Preset, layer_index: int) -> dict:
+    la = cfg.la
+    return presets.init_params(
+        preset, cfg.n_heads, cfg.resolved_head_dim, la.conv_kernel_size, la.conv_per_channel,
+        learn_lambda=la.learn_lambda, seed=la.seed, layer=layer_index,
+    )
+
+
 def attention_param_defaults(cfg: ModelConfig) -> dict:
     """Initial values {flat name: array} of the linear-attention params: what a softmax
     checkpoint lacks when it is linearised."""
     preset = presets.get(cfg.attention)
     if preset is None:
         return {}
-    la, d = cfg.la, cfg.resolved_head_dim
-    extra = presets.init_params(preset, cfg.n_heads, d, la.conv_kernel_size, la.conv_per_channel)
-    return {f"layers.{i}.attn.{name}": value for i in range(cfg.n_layers) for name, value in extra.items()}
+    return {
+        f"layers.{i}.attn.{name}": value
+        for i in range(cfg.n_layers)
+        for name, value in _extra_params(cfg, preset, i).items()
+    }
 
 
 def new_param_defaults(cfg: ModelConfig) -> dict:

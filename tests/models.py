@@ -11,7 +11,7 @@ import lin_llm
 TINY = (
     "model.n_layers=2", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64",
     "model.vocab_size=64", "model.max_seq_len=96", "train.seq_len=96", "model.init_std=0.3",
-    "model.la.conv_kernel_size=7",
+    "model.la.conv_kernel_size=7", "model.la.learn_lambda=true",  # lambda too is a parameter, so it acts
 )
 
 

@@ -81,3 +81,23 @@ def test_attention_transfer_alone_needs_no_training_steps():
     assert cfg.train.steps == 0
     with pytest.raises(ConfigError, match="train.steps=0 trains nothing"):
         load_config(None, ["train.steps=0"])
+
+
+def test_the_llama2_linearize_config_is_the_published_aug_run():
+    """tasks_run-llama2.sh: LoRA r=8/alpha=16 on q/k/v/o, embeddings + norms + conv + alpha trainable,
+    no LOCAL_FACTOR (lambda constant), lm_head frozen; lr 2e-5 constant after 20 warm-up steps,
+    1000 steps of 64 x 4096 tokens, bf16."""
+    from lin_llm.training.state import plan_params
+
+    small = ["model.n_layers=1", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=4", "model.ffn_dim=64",
+             "model.vocab_size=100", "train.seq_len=64"]
+    full = load_config(CONFIGS[0].parent / "llama2-7b-linearize.yaml")
+    t = full.train
+    assert (t.lora_rank, t.lora_alpha, t.learning_rate, t.lr_schedule, t.warmup_steps) == (8, 16.0, 2e-5, "constant", 20)
+    assert (t.steps, t.batch_size, t.seq_len, full.model.compute_dtype) == (1000, 64, 4096, "bfloat16")
+    assert full.model.attention == "aug" and not full.model.la.learn_lambda and not full.model.tie_embeddings
+    plan = plan_params(load_config(CONFIGS[0].parent / "llama2-7b-linearize.yaml", small))
+    assert plan.trainable == ["embed.embedding", "layers.0.attn.conv", "layers.0.attn.mix_global",
+                              "layers.0.attn_norm.scale", "layers.0.mlp_norm.scale", "norm.scale"]
+    assert plan.lora == [f"layers.0.attn.{w}.kernel" for w in ("wk", "wo", "wq", "wv")]
+    assert "lm_head.kernel" in plan.frozen

@@ -21,6 +21,21 @@ def test_greedy_generation_is_the_argmax_of_the_full_forward(model):
     np.testing.assert_array_equal(np.asarray(new), np.asarray(jnp.argmax(logits[:, 6:-1], axis=-1)))
 
 
+@pytest.mark.parametrize("attention", ["aug", "castling", "flash"])
+def test_linearised_greedy_generation_is_the_argmax_of_the_full_forward(converted, attention):
+    """The jitted loop over an LA state (prefill, then steps across group boundaries of G = 4)."""
+    model = load_checkpoint(converted["untied"], overrides=[f"attention={attention}", "la.group_size=4",
+                                                            "la.learn_lambda=true"])
+    for block in model.layers:  # the conv and alpha start at zero: make every term act
+        for i, name in enumerate(block.attn.extra):
+            param = getattr(block.attn, name)
+            param[...] = param[...] + 0.3 * jax.random.normal(jax.random.key(i), param[...].shape)
+    prompt = jnp.asarray(np.random.RandomState(5).randint(0, 97, size=(2, 7)))
+    new = generate(model, prompt, 12)
+    logits = model(jnp.concatenate([prompt, new], axis=1))
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(jnp.argmax(logits[:, 6:-1], axis=-1)))
+
+
 def test_top_k_one_sampling_is_greedy(model):
     prompt = jnp.asarray(np.random.RandomState(4).randint(0, 97, size=(2, 5)))
     np.testing.assert_array_equal(

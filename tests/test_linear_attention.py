@@ -2,7 +2,8 @@
 
 Layer-level tests compare the pure functions; model-level tests run a one-layer model through
 prefill / step / verify / commit against its own full forward pass, across group boundaries.
-Conv weights, alpha, lambda and Hedgehog maps are randomised so every term is exercised.
+Conv weights, alpha, lambda (model.la.learn_lambda on), Hedgehog maps and FLASH's offset-scales and
+bias table are randomised so every term is exercised.
 """
 
 import functools
@@ -29,7 +30,7 @@ def rel_err(a, b):
 
 
 def _random_params(preset, key):
-    params = presets.init_params(preset, H, D, KSIZE, conv_per_channel=False)
+    params = presets.init_params(preset, H, D, KSIZE, conv_per_channel=False, learn_lambda=True)
     out = {}
     for i, (name, value) in enumerate(sorted(params.items())):
         noise = jax.random.normal(jax.random.fold_in(key, i), value.shape)
@@ -37,7 +38,11 @@ def _random_params(preset, key):
             out[name] = 0.3 * noise
         elif name.startswith("mix"):
             out[name] = jnp.float32(0.6 + 0.1 * i)
-        else:  # hedgehog: identity plus noise
+        elif name == "flash_gamma":  # scales of order one, so both of FLASH's parts matter
+            out[name] = 1.0 + 0.3 * noise
+        elif name == "flash_rel_bias":  # times sqrt(d) in the kernel: keep laplace off its plateaus
+            out[name] = 0.1 * noise
+        else:  # hedgehog: identity plus noise; FLASH's offsets
             out[name] = jnp.asarray(value) + 0.2 * noise
     return out
 
@@ -54,14 +59,19 @@ def _qkv(t, seed=0, b=2, dtype=jnp.float32):
     return [jax.random.normal(k, (b, t, H, D), dtype) for k in keys]
 
 
+def _forward(lm, params, q, k, v, positions, form="chunked"):
+    """The layer from projections q, k [B, T, H, D] (what acts before RoPE included; no RoPE here)."""
+    return layer.forward(lm, params, *layer.before_rope(lm, params, q, k), v, positions, form)
+
+
 @functools.partial(jax.jit, static_argnames=("lm", "form"))
 def _forward_and_grads(lm, form, params, q, k, v, cotangent):
     positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
 
     def loss(params, q, k, v):
-        return jnp.sum(layer.forward(lm, params, q, k, v, positions, form) * cotangent)
+        return jnp.sum(_forward(lm, params, q, k, v, positions, form) * cotangent)
 
-    out = layer.forward(lm, params, q, k, v, positions, form)
+    out = _forward(lm, params, q, k, v, positions, form)
     return out, jax.grad(loss, argnums=(0, 1, 2, 3))(params, q, k, v)
 
 
@@ -88,11 +98,13 @@ def test_chunked_equals_reference_with_gradients(name, t):
         for path, gc in jax.tree_util.tree_leaves_with_path(grads_c[index]):
             gr = dict(jax.tree_util.tree_leaves_with_path(grads_r[index]))[path]
             assert np.isfinite(np.asarray(gc)).all()
-            through_scores_only = name_of in ("q", "k") or "hedgehog" in jax.tree_util.keystr(path)
-            if t == 1 and lm.spec.normalize and through_scores_only:
-                # A normalised family's single output is v_0 exactly up to eps: gradients that
-                # flow only through the scores (q, k, the feature map's params) vanish, and what
-                # is left is fp32 rounding of O(1/score) terms. Both forms must agree they vanish.
+            key = jax.tree_util.keystr(path)
+            through_scores_only = name_of in ("q", "k") or "hedgehog" in key or "mix" in key
+            if t == 1 and (lm.spec.normalize or lm.preset.castling) and through_scores_only:
+                # A normalised family's single output is v_0 exactly up to eps (Castling's is
+                # v_0 / |v_0| plus the conv): gradients that flow only through the scores (q, k,
+                # the feature map's params, the mixing weights) vanish, and what is left is fp32
+                # rounding of O(1/score) terms. Both forms must agree they vanish.
                 assert np.abs(np.asarray(gc)).max() < 1e-3 * dv_scale
                 assert np.abs(np.asarray(gr)).max() < 1e-3 * dv_scale
             else:
@@ -106,7 +118,8 @@ def test_zero_vectors_give_finite_outputs_and_gradients(name):
     out, grads = _forward_and_grads(lm, "chunked", params, q, k, v, jnp.ones_like(v))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves((out, grads)))
     state = layer.init_state(lm, 1, H, D, KSIZE)
-    step_out, state = jax.jit(layer.extend, static_argnums=0)(lm, params, q[:, :1], k[:, :1], v[:, :1],
+    q1, k1 = layer.before_rope(lm, params, q[:, :1], k[:, :1])
+    step_out, state = jax.jit(layer.extend, static_argnums=0)(lm, params, q1, k1, v[:, :1],
                                                              jnp.zeros((1, 1), jnp.int32), state, jnp.zeros(1, jnp.int32))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves((step_out, state)))
 
@@ -293,8 +306,10 @@ def test_linearising_a_softmax_checkpoint(converted, tmp_path):
     softmax_model = load_checkpoint(converted["untied"])
     linear_model = load_checkpoint(converted["untied"], overrides=["attention=aug", "la.group_size=16"])
     attn = linear_model.layers[0].attn
-    assert float(attn.mix_local[...]) == 1.0 and float(attn.mix_global[...]) == 0.0
-    assert not np.asarray(attn.conv[...]).any()
+    assert attn.extra == ("mix_global", "conv")  # lambda is the constant 1 unless la.learn_lambda
+    assert float(attn.mix_global[...]) == 0.0 and not np.asarray(attn.conv[...]).any()
+    learned = load_checkpoint(converted["untied"], overrides=["attention=aug", "la.learn_lambda=true"]).layers[0].attn
+    assert float(learned.mix_local[...]) == 1.0
     for name in ("wq", "wk", "wv", "wo"):
         np.testing.assert_array_equal(
             np.asarray(getattr(attn, name).kernel[...]), np.asarray(getattr(softmax_model.layers[0].attn, name).kernel[...])

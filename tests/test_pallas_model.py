@@ -32,7 +32,7 @@ def _loss(model, ids):
 _value_and_grad = nnx.jit(nnx.value_and_grad(_loss))
 
 
-@pytest.mark.parametrize("name", ["aug", "global", "local_conv", "elu", "performer+conv", "flash"])
+@pytest.mark.parametrize("name", ["aug", "global", "local_conv", "elu", "performer+conv", "castling", "flash"])
 def test_pallas_interpret_model_equals_xla_model(name):
     (loss_x, grads_x), (loss_p, grads_p) = (_value_and_grad(_model(name, impl), IDS) for impl in ("xla", "pallas_interpret"))
     assert abs(float(loss_x) - float(loss_p)) <= 1e-5 * abs(float(loss_x))

@@ -35,8 +35,18 @@ def _step_state(model, prompt, tokens):
     return state
 
 
-@pytest.mark.parametrize("attention", ["softmax", "aug", "hedgehog+conv"])
-@pytest.mark.parametrize("draft_kind", ["random", "target"])
+def _greedy_cases():
+    """Every target with an often-wrong and an always-right draft; castling and flash with the slow
+    tests (their verify and commit forms are checked against steps in test_linear_attention, and
+    the speculative loop does not depend on the preset)."""
+    for attention in ("softmax", "aug", "hedgehog+conv", "castling", "flash"):
+        for draft_kind in ("random", "target"):
+            slow = attention in ("castling", "flash")
+            yield pytest.param(attention, draft_kind, id=f"{draft_kind}-{attention}",
+                               marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("attention, draft_kind", list(_greedy_cases()))
 def test_greedy_speculative_equals_greedy_plain(attention, draft_kind):
     target = _model(attention, 1)
     draft = target if draft_kind == "target" else _model("elu", 2, n_layers=1)  # often wrong
@@ -127,8 +137,10 @@ def _medusa_model(attention, head_scale):
     return model
 
 
-@pytest.mark.parametrize("attention", ["softmax", "aug"])
-@pytest.mark.parametrize("head_scale", [0.0, 0.5])
+@pytest.mark.parametrize(
+    "attention, head_scale",
+    [("softmax", 0.0), ("softmax", 0.5), ("aug", 0.0), ("aug", 0.5), ("castling", 0.5), ("flash", 0.5)],
+)
 def test_medusa_greedy_equals_plain_greedy(attention, head_scale):
     model = _medusa_model(attention, head_scale)
     plain = np.asarray(generate(model, PROMPTS, 30))

@@ -36,18 +36,6 @@ def relu(x: jax.Array) -> jax.Array:
     return jax.nn.relu(x.astype(jnp.float32))
 
 
-def scaled(x: jax.Array) -> jax.Array:
-    """FLASH's raw (un-normalised) q and k, scaled so that phi(q) . phi(k) = q . k / sqrt(d)."""
-    return x.astype(jnp.float32) * x.shape[-1] ** -0.25
-
-
-def castling(x: jax.Array, eps: float) -> jax.Array:
-    """Castling-ViT's linear-angular kernel 1/2 + q_hat . k_hat / pi (first-order arccos) as a dot
-    product of features [sqrt(1/2), x_hat / sqrt(pi)]; always positive, so it normalises safely."""
-    x_hat = l2_normalize(x, eps) / math.sqrt(math.pi)
-    return jnp.concatenate([jnp.full(x.shape[:-1] + (1,), math.sqrt(0.5), jnp.float32), x_hat], axis=-1)
-
-
 def cosformer(x: jax.Array, positions: jax.Array, max_len: int) -> jax.Array:
     """cosFormer: relu features re-weighted by cos(pi/2 (t - j) / M), split as
     cos(a_t)cos(a_j) + sin(a_t)sin(a_j) with a_t = pi t / (2M); M = the model's max length keeps
@@ -111,4 +99,34 @@ def yoso_kernel(score: jax.Array) -> jax.Array:
     return jnp.power(1.0 - jnp.arccos(0.98 * jnp.clip(score, -1.0, 1.0)) / jnp.pi, 8)
 
 
-LOCAL_KERNELS = {"dot": dot_kernel, "relu2": relu2_kernel, "yoso": yoso_kernel}
+def laplace_kernel(score: jax.Array) -> jax.Array:
+    """FLASH's Laplace attention function (1 + erf((x - mu) / (std sqrt 2))) / 2, mu = sqrt(1/2),
+    std = (4 pi)^-1/2 (flash_pytorch.LaplacianAttnFn, which train-hf.py selects)."""
+    mu, std = math.sqrt(0.5), math.sqrt(1.0 / (4.0 * math.pi))
+    return 0.5 * (1.0 + jax.lax.erf((score - mu) / (std * math.sqrt(2.0))))
+
+
+LOCAL_KERNELS = {"dot": dot_kernel, "relu2": relu2_kernel, "yoso": yoso_kernel, "laplace": laplace_kernel}
+
+
+# ------------------------------------------------------------------ FLASH's extra parts
+
+
+def offset_scale(x: jax.Array, gamma: jax.Array, beta: jax.Array) -> jax.Array:
+    """FLASH's OffsetScale per head: x [B, T, H, d], gamma and beta [P, H, d] -> [B, T, H * P, d],
+    part p of head h at h * P + p (so a reshape to [B, T, H, P * d] puts the parts side by side)."""
+    b, t, h, d = x.shape
+    out = x.astype(jnp.float32)[:, :, :, None, :] * jnp.swapaxes(gamma, 0, 1) + jnp.swapaxes(beta, 0, 1)
+    return out.reshape(b, t, h * gamma.shape[0], d)
+
+
+def t5_causal_buckets(n_lags: int, num_buckets: int = 32, max_distance: int = 128) -> np.ndarray:
+    """T5's causal relative-position bucket of each lag i - j = 0..n_lags-1 (flash_pytorch's
+    T5RelativePositionBias with causal=True): exact below num_buckets / 2, logarithmic up to
+    max_distance, then the last bucket. float32 logs, as the original's torch code."""
+    n = np.arange(n_lags)
+    max_exact = num_buckets // 2
+    with np.errstate(divide="ignore"):
+        log_ratio = np.log(n.astype(np.float32) / max_exact) / np.float32(math.log(max_distance / max_exact))
+    large = max_exact + np.nan_to_num(log_ratio * (num_buckets - max_exact), neginf=0.0).astype(np.int64)
+    return np.where(n < max_exact, n, np.minimum(large, num_buckets - 1))

@@ -1,7 +1,9 @@
 """One linear-attention layer's math: feature maps + grouped linear attention + causal conv.
 
 Pure functions of (static LayerMath, params dict, q, k, v, positions[, state]). q, k, v are
-[B, T, H, d] after RoPE, with k and v already repeated to the H query heads. The forms:
+[B, T, H, d] with k and v already repeated to the H query heads, and q, k are `before_rope(...)`
+of the projections, then rotated (FLASH's offset-scales act before RoPE, so its q, k carry two
+parts per head: [B, T, 2H, d]). The forms:
   forward(..., form="chunked" | "reference")   training (XLA or Pallas kernels) / the O(T^2) reference
   extend(...)                                  prefill from a state
   step(...)                                    one token from a state, O(1)
@@ -12,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax.numpy as jnp
+import numpy as np
 
 from lin_llm.attention import conv, feature_maps, linear
-from lin_llm.attention.presets import Preset, feature_dim
+from lin_llm.attention.presets import REL_POS_BUCKETS, REL_POS_MAX_DISTANCE, Preset, feature_dim
 from lin_llm.attention.state import LinearLayerState
 from pallas_kernels import Impl
 
@@ -44,12 +48,15 @@ def layer_math(
     preset: Preset, *, group_size, local_kernel, head_dim, eps, max_len, performer_features, seed, layer, impl=Impl("xla", None)
 ):
     kernel = local_kernel if preset.local == "paper" else preset.local
+    flash = preset.feature == "flash"  # laplace(q.k / G + bias) in the group, linear part / G, split q/k
     spec = linear.LinearSpec(
         group_size=group_size,
         local_kernel=kernel,
         use_global=preset.use_global,
         normalize=preset.normalize,
-        local_scale=1.0 / group_size if preset.flash else 1.0,
+        score_scale=1.0 / group_size if flash else 1.0,
+        global_scale=1.0 / group_size if flash else 1.0,
+        split=head_dim if flash else None,
     )
     return LayerMath(preset, spec, head_dim, eps, max_len, performer_features, seed, layer, impl)
 
@@ -68,10 +75,9 @@ def features(lm: LayerMath, params: dict, x, positions, is_query: bool):
         return feature_maps.elu_plus_one(x)
     if kind == "relu":
         return feature_maps.relu(x)
-    if kind == "scaled":
-        return feature_maps.scaled(x)
-    if kind == "castling":
-        return feature_maps.castling(x, lm.eps)
+    if kind == "flash":  # the offset-scaled parts [B, T, 2H, d] side by side: [quadratic | linear]
+        b, t, h2, d = x.shape
+        return x.astype(jnp.float32).reshape(b, t, h2 // 2, 2 * d)
     if kind == "cosformer":
         return feature_maps.cosformer(x, positions, lm.max_len)
     if kind == "hedgehog":
@@ -81,21 +87,59 @@ def features(lm: LayerMath, params: dict, x, positions, is_query: bool):
     raise ValueError(f"unknown feature map {kind!r}")  # presets are validated at config load
 
 
+def before_rope(lm: LayerMath, params: dict, q, k):
+    """What acts on the projections before RoPE: FLASH's OffsetScale, q -> (quadratic, linear) q
+    and k -> (quadratic, linear) k as [B, T, 2H, d]; the identity for every other preset."""
+    if lm.preset.feature != "flash":
+        return q, k
+    gamma, beta = params["flash_gamma"], params["flash_beta"]
+    q2 = feature_maps.offset_scale(q, gamma[:2], beta[:2])
+    return q2.astype(q.dtype), feature_maps.offset_scale(k, gamma[2:], beta[2:]).astype(k.dtype)
+
+
 def _mix(params):
     return params.get("mix_local", 1.0), params.get("mix_global", 1.0)
+
+
+def _lag_bias(lm: LayerMath, params: dict):
+    """FLASH's relative-position bias by lag [H, G]: the T5 table [H, 32] at each lag's bucket,
+    times sqrt(d) (T5RelativePositionBias' scale); None for every other preset."""
+    if lm.preset.feature != "flash":
+        return None
+    buckets = feature_maps.t5_causal_buckets(lm.spec.group_size, REL_POS_BUCKETS, REL_POS_MAX_DISTANCE)
+    return params["flash_rel_bias"].astype(jnp.float32)[:, np.asarray(buckets)] * math.sqrt(lm.head_dim)
+
+
+def _finish(lm: LayerMath, out, v):
+    """Castling's output transform (0.5 v + out / pi) / ||.|| (L2 over the head dimension; eps
+    keeps zero rows at zero), before the conv is added; the identity for every other preset."""
+    if not lm.preset.castling:
+        return out
+    return feature_maps.l2_normalize(0.5 * v.astype(jnp.float32) + out / math.pi, lm.eps)
 
 
 def _featurise(lm, params, q, k, positions):
     return features(lm, params, q, positions, True), features(lm, params, k, positions, False)
 
 
-def _kernel(lm: LayerMath, qf, kf, v, lam, alpha):
-    """The chunked scan through the Pallas kernels (every local kernel but YOSO's)."""
+def _pallas_applies(spec: linear.LinearSpec) -> bool:
+    """The kernels take the dot and relu2 local kernels; FLASH's linear part (a plain scan) too."""
+    return spec.split is not None or spec.local_kernel in (None, "dot", "relu2")
+
+
+def _kernel(lm: LayerMath, qf, kf, v, lam, alpha, bias):
+    """The chunked scan through the Pallas kernels. FLASH: its linear part only, as the kernels'
+    global term; the quadratic part (laplace + relative bias) stays an XLA masked G x G product."""
     spec = lm.spec
+    if spec.split is not None:
+        local = linear.chunked(dataclasses.replace(spec, use_global=False), qf, kf, v, lam, alpha, bias)
+        glob = lm.impl(spec.global_part(qf), spec.global_part(kf), v, chunk_size=spec.group_size, local_kernel="dot",
+                       local_scale=0.0, global_scale=alpha * spec.global_scale)
+        return local + glob.astype(jnp.float32)
     kwargs = dict(
         chunk_size=spec.group_size,
         local_kernel=spec.local_kernel or "dot",
-        local_scale=lam * spec.local_scale if spec.local_kernel else 0.0,
+        local_scale=lam if spec.local_kernel else 0.0,
         global_scale=alpha if spec.use_global else 0.0,
     )
     if spec.normalize:
@@ -109,12 +153,14 @@ def forward(lm: LayerMath, params: dict, q, k, v, positions, form: str = "chunke
     qf, kf = _featurise(lm, params, q, k, positions)
     qf, kf = qf.astype(q.dtype), kf.astype(k.dtype)
     lam, alpha = _mix(params)
+    bias = _lag_bias(lm, params)
     if form == "reference":
-        out = linear.reference(lm.spec, qf, kf, v, lam, alpha)
-    elif lm.impl.name != "xla" and lm.spec.local_kernel != "yoso":
-        out = _kernel(lm, qf, kf, v.astype(q.dtype), lam, alpha)
+        out = linear.reference(lm.spec, qf, kf, v, lam, alpha, bias)
+    elif lm.impl.name != "xla" and _pallas_applies(lm.spec):
+        out = _kernel(lm, qf, kf, v.astype(q.dtype), lam, alpha, bias)
     else:
-        out = linear.chunked(lm.spec, qf, kf, v, lam, alpha)
+        out = linear.chunked(lm.spec, qf, kf, v, lam, alpha, bias)
+    out = _finish(lm, out, v)
     if lm.preset.conv:
         out = out + conv.conv(v, params["conv"])
     return out
@@ -133,16 +179,19 @@ def extend(lm: LayerMath, params: dict, q, k, v, positions, state: LinearLayerSt
     step form."""
     qf, kf = _featurise(lm, params, q, k, positions)
     lam, alpha = _mix(params)
+    bias = _lag_bias(lm, params)
     history = state.conv
     if q.shape[1] == 1 and lengths is None:
-        out, attn = linear.step(lm.spec, qf[:, 0], kf[:, 0], v[:, 0], state.attn, pos, lam, alpha)
+        out, attn = linear.step(lm.spec, qf[:, 0], kf[:, 0], v[:, 0], state.attn, pos, lam, alpha, bias)
+        out = _finish(lm, out, v[:, 0])
         if lm.preset.conv:
             conv_out, history = conv.step(v[:, 0], params["conv"], history)
             out = out + conv_out
         return out[:, None], LinearLayerState(attn=attn, conv=history)
     out, attn = linear.extend(
-        lm.spec, qf.astype(q.dtype), kf.astype(k.dtype), v, state.attn, pos, lam, alpha, n_valid=lengths
+        lm.spec, qf.astype(q.dtype), kf.astype(k.dtype), v, state.attn, pos, lam, alpha, n_valid=lengths, bias=bias
     )
+    out = _finish(lm, out, v)
     if lm.preset.conv:
         out = out + conv.conv(v, params["conv"], history)
         history = conv.new_history(history, v, lengths)
@@ -153,7 +202,8 @@ def verify(lm: LayerMath, params: dict, q, k, v, positions, state: LinearLayerSt
     """Outputs for m candidates, and what commit needs: their features and values."""
     qf, kf = _featurise(lm, params, q, k, positions)
     lam, alpha = _mix(params)
-    out = linear.verify(lm.spec, qf, kf, v, state.attn, pos, ancestors, depths, lam, alpha)
+    out = linear.verify(lm.spec, qf, kf, v, state.attn, pos, ancestors, depths, lam, alpha, _lag_bias(lm, params))
+    out = _finish(lm, out, v)
     if lm.preset.conv:
         out = out + conv.unfolded(v, params["conv"], state.conv, ancestors, depths)
     return out, (kf, v.astype(jnp.float32))

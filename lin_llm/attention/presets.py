@@ -1,15 +1,24 @@
 """The attention presets selectable as ``model.attention=NAME``, and each layer's extra params.
 
 Paper presets (L2-normalised q, k; local kernel relu2 or yoso from ``model.la.local_kernel``;
-identity global features, no normaliser; learnable lambda (init 1) and alpha (init 0)):
+identity global features, no normaliser; alpha learnable (init 0), lambda learnable (init 1) only
+with ``model.la.learn_lambda``, else the constant 1 as in the published run):
   local, global, local_global, local_conv, aug (= local + global + conv, the paper's method).
 Families (normalised causal linear attention, kappa = phi(q) . phi(k), fixed weights):
-  elu (Katharopoulos), relu, performer (FAVOR+), cosformer, hedgehog, castling;
-  flash: FLASH's mixed-chunk attention (relu2 local / G + linear global, no normaliser). Its
-         gating unit replaces the MLP in FLASH and does not fit a LLaMA block, so only the
-         attention is taken;
+  elu (Katharopoulos), relu, performer (FAVOR+), cosformer, hedgehog;
   yoso: local_global with the YOSO local kernel.
-Every other preset without a conv also exists as NAME+conv (e.g. hedgehog+conv, global+conv).
+Two the original code defines its own way, computed as it does:
+  castling (llama_attn_replace.py, USE_CASTLING): out = lambda local + alpha global as for aug,
+           then c = 0.5 v + out / pi, c / ||c|| (L2 over the head dimension), plus the causal conv
+           of v (its branch always adds the conv).
+  flash (flash_pytorch.FLASH with train-hf.py's Laplace attention function): per head, offset-
+           scaled copies gamma_i q + beta_i (i = quadratic / linear part, and the same for k) taken
+           before RoPE; local = sum over the group, j <= t, of laplace(qq_t . qk_j / G + b_h(t - j)) v_j
+           with b_h T5's causal relative-position bias (32 buckets, max distance 128, times
+           sqrt(d)); global = lq_t . sum over earlier groups of lk^T v, divided by G; out = local
+           + global. Its gating unit, shared SiLU q/k projection and partial rotary do not fit a
+           LLaMA block, so q, k, v are the LLaMA's (see README).
+Every other preset without a conv also exists as NAME+conv (e.g. hedgehog+conv, flash+conv).
 Linformer is excluded: it mixes the length axis and has no causal form (see feature_maps.py).
 """
 
@@ -23,14 +32,14 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class Preset:
     name: str
-    feature: str  # l2 | elu | relu | performer | cosformer | hedgehog | castling | scaled
-    local: str | None  # "paper" (model.la.local_kernel), dot, relu2, yoso, or None
+    feature: str  # l2 | elu | relu | performer | cosformer | hedgehog | flash
+    local: str | None  # "paper" (model.la.local_kernel), dot, relu2, yoso, laplace, or None
     use_global: bool
     normalize: bool
-    learned_mix: bool  # lambda and alpha are parameters (the paper's layer) rather than 1
+    learned_mix: bool  # alpha (and lambda, with model.la.learn_lambda) are parameters rather than 1
     alpha_init: float = 0.0
     conv: bool = False
-    flash: bool = False  # the local term is divided by the group size
+    castling: bool = False  # the output becomes (0.5 v + out / pi) / ||.|| before the conv
 
 
 _BASE = {
@@ -47,8 +56,8 @@ _BASE = {
         Preset("performer", "performer", "dot", True, True, False),
         Preset("cosformer", "cosformer", "dot", True, True, False),
         Preset("hedgehog", "hedgehog", "dot", True, True, False),
-        Preset("castling", "castling", "dot", True, True, False),
-        Preset("flash", "scaled", "relu2", True, False, False, flash=True),
+        Preset("castling", "l2", "paper", True, False, True, conv=True, castling=True),
+        Preset("flash", "flash", "laplace", True, False, False),
         Preset("yoso", "l2", "yoso", True, False, True),
     )
 }
@@ -77,25 +86,39 @@ def feature_dim(preset: Preset, head_dim: int, performer_features: int) -> int:
         "performer": performer_features,
         "cosformer": 2 * head_dim,
         "hedgehog": 2 * head_dim,
-        "castling": head_dim + 1,
+        "flash": 2 * head_dim,  # [quadratic part | linear part]
     }.get(preset.feature, head_dim)
 
 
-def init_params(preset: Preset, n_heads: int, head_dim: int, conv_kernel_size: int, conv_per_channel: bool):
-    """The layer's extra parameters, by name, at their (deterministic) initial values.
+# FLASH's relative-position bias table: T5RelativePositionBias' defaults
+REL_POS_BUCKETS, REL_POS_MAX_DISTANCE = 32, 128
 
-    One source for both a fresh model and a softmax checkpoint being linearised.
+
+def init_params(preset: Preset, n_heads: int, head_dim: int, conv_kernel_size: int, conv_per_channel: bool, *,
+                learn_lambda: bool = False, seed: int = 0, layer: int = 0):
+    """The layer's extra parameters, by name, at their initial values (the original's init).
+
+    One source for both a fresh model and a softmax checkpoint being linearised. FLASH's random
+    inits are drawn from (seed, layer), so they are deterministic too.
     """
     params = {}
-    if preset.learned_mix and preset.local is not None:
-        params["mix_local"] = np.ones((), np.float32)  # lambda
+    if preset.learned_mix and preset.local is not None and preset.use_global and learn_lambda:
+        # lambda (LOCAL_FACTOR's local_factor, which the original applies only next to a global term)
+        params["mix_local"] = np.ones((), np.float32)
     if preset.learned_mix and preset.use_global:
-        params["mix_global"] = np.full((), preset.alpha_init, np.float32)  # alpha
-    if preset.conv:  # zero: fine-tuning starts from the attention alone
+        params["mix_global"] = np.full((), preset.alpha_init, np.float32)  # alpha (GLOBAL_FACTOR's global_factor)
+    if preset.conv:  # zero (ZERO_CONV, as every published conv run): fine-tuning starts from the attention
         shape = (n_heads, conv_kernel_size, head_dim) if conv_per_channel else (n_heads, conv_kernel_size)
         params["conv"] = np.zeros(shape, np.float32)
     if preset.feature == "hedgehog":
         eye = np.broadcast_to(np.eye(head_dim, dtype=np.float32), (n_heads, head_dim, head_dim))
         params["hedgehog_q"] = eye.copy()
         params["hedgehog_k"] = eye.copy()
+    if preset.feature == "flash":
+        rng = np.random.default_rng([seed, layer, 0xF1A5])
+        # OffsetScale(heads=4): gamma ~ N(0, 0.02), beta = 0, parts (quad q, lin q, quad k, lin k)
+        params["flash_gamma"] = (0.02 * rng.standard_normal((4, n_heads, head_dim))).astype(np.float32)
+        params["flash_beta"] = np.zeros((4, n_heads, head_dim), np.float32)
+        # nn.Embedding(num_buckets, 1) per head: N(0, 1)
+        params["flash_rel_bias"] = rng.standard_normal((n_heads, REL_POS_BUCKETS)).astype(np.float32)
     return params
