@@ -19,7 +19,8 @@ GROUP = 4
 
 
 def _model(attention, seed, n_layers=2, vocab=64):
-    """A model of a preset, or a hybrid ("hybrid-aug": five layers, softmax in 0, 2 and 4, every parameter perturbed)."""
+    """A model of a preset, or a hybrid ("hybrid-aug": five layers, softmax in 0, 2 and 4, every
+    parameter perturbed)."""
     return tiny_model(f"model.n_layers={n_layers}", *attention_overrides(attention), f"model.la.group_size={GROUP}",
                       f"model.vocab_size={vocab}", seed=seed, norms=attention.startswith("hybrid-"))
 
@@ -27,12 +28,15 @@ def _model(attention, seed, n_layers=2, vocab=64):
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7]]  # ragged, right-padded inside
 
 
+_step = nnx.jit(lambda model, ids, state: model.step(ids, state)[1])
+
+
 def _step_state(model, prompt, tokens):
     """The state of feeding prompt + tokens one call at a time (plain decoding's state)."""
     state = model.init_state(1, 96)
     _, state = model.prefill(jnp.asarray([prompt]), state)
     for token in tokens:
-        _, state = model.step(jnp.asarray([token]), state)
+        state = _step(model, jnp.asarray([token]), state)
     return state
 
 
