@@ -95,6 +95,8 @@ class ModelConfig:
     param_dtype: str = spec("float32", choices=DTYPES)
     compute_dtype: str = spec("float32", choices=DTYPES, linearize=True)
     attention: str = spec("softmax", linearize=True)  # a name of lin_llm.attention.presets.NAMES
+    # hybrid models: these layers keep softmax attention, the others use `attention` (e.g. [0, 15])
+    softmax_layers: tuple[int, ...] = spec((), linearize=True)
     attention_impl: str = spec("auto", choices=IMPL_FLAGS, linearize=True)
     la: AttentionConfig = spec(AttentionConfig(), linearize=True)
     bos_id: int | None = None
@@ -105,6 +107,20 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.dim // self.n_heads
+
+    def layer_attention(self, layer: int) -> str:
+        """The attention preset of layer ``layer``: softmax where softmax_layers keeps it."""
+        return "softmax" if layer in self.softmax_layers else self.attention
+
+    @property
+    def attention_summary(self) -> str:
+        """The attention in words for logs: "aug", or "aug, softmax in layers [0, 15]" for a hybrid."""
+        return self.attention + (f", softmax in layers {list(self.softmax_layers)}" if self.softmax_layers else "")
+
+    @property
+    def linear_layers(self) -> tuple[int, ...]:
+        """The indices of the layers with linear attention (none for a softmax model)."""
+        return tuple(i for i in range(self.n_layers) if self.layer_attention(i) != "softmax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +208,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, name)
+    if origin is tuple:  # tuple[X, ...]: a YAML list (or an override such as [0,15])
+        (item, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list of {item.__name__} (e.g. [0, 15]), got {value!r}")
+        return tuple(_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -250,12 +271,16 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(values: dict, overrides: typing.Sequence[str] = ()) -> Config:
+def _overridden_tree(values: dict, overrides: typing.Sequence[str]) -> dict:
     tree = copy.deepcopy(dict(values or {}))
     for item in overrides:
         key, value = _parse_override(item)
         _set_path(tree, key, value)
-    cfg = _build(Config, tree)
+    return tree
+
+
+def config_from_dict(values: dict, overrides: typing.Sequence[str] = ()) -> Config:
+    cfg = _build(Config, _overridden_tree(values, overrides))
     validate(cfg)
     return cfg
 
@@ -304,7 +329,8 @@ def model_config_from_dict(values: dict) -> ModelConfig:
 def override_model_config(cfg: ModelConfig, overrides: typing.Sequence[str]) -> ModelConfig:
     """``cfg`` with model-config overrides (``attention=aug`` or ``model.attention=aug``)."""
     prefixed = [item if item.startswith("model.") else f"model.{item}" for item in overrides]
-    return config_from_dict({"model": config_to_dict(cfg)}, prefixed).model
+    # the model alone is validated: the train section's defaults (e.g. seq_len) do not apply here
+    return model_config_from_dict(_overridden_tree({"model": config_to_dict(cfg)}, prefixed)["model"])
 
 
 # --------------------------------------------------------------------------- validation
@@ -358,6 +384,7 @@ def validate_model(m: ModelConfig) -> None:
         m.attention in presets.NAMES,
         f"model.attention={m.attention!r} is not a known preset; choose one of: {', '.join(presets.NAMES)}",
     )
+    _validate_softmax_layers(m)
     if m.rope.type == "llama3":
         _require(
             m.rope.high_freq_factor > m.rope.low_freq_factor,
@@ -372,6 +399,26 @@ def validate_model(m: ModelConfig) -> None:
     for name in ("bos_id", "eos_id"):
         tok = getattr(m, name)
         _require(tok is None or 0 <= tok < m.vocab_size, f"model.{name}={tok} must be in [0, vocab_size={m.vocab_size})")
+
+
+def _validate_softmax_layers(m: ModelConfig) -> None:
+    layers = m.softmax_layers
+    if not layers:
+        return
+    name = f"model.softmax_layers={list(layers)}"
+    for i in layers:
+        _require(0 <= i < m.n_layers,
+                 f"{name}: layer {i} is out of range; the layers are numbered 0..{m.n_layers - 1} (model.n_layers)")
+        _require(layers.count(i) == 1, f"{name}: layer {i} is listed twice")
+    _require(
+        m.attention != "softmax",
+        f"{name} has no effect with model.attention='softmax': set model.attention to the linear preset of the "
+        "other layers (e.g. aug), or model.softmax_layers=[]",
+    )
+    _require(
+        len(layers) < m.n_layers,
+        f"{name} lists every layer: that is a softmax model; set model.attention=softmax and model.softmax_layers=[]",
+    )
 
 
 def _validate_train(cfg: Config) -> None:

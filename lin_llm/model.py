@@ -35,7 +35,8 @@ def _rms_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
 
 
 class Attention(nnx.Module):
-    """Projections and RoPE; the mixing itself is pure functions chosen by ``cfg.attention``."""
+    """Projections and RoPE; the mixing itself is pure functions chosen by the layer's preset
+    (``cfg.layer_attention``: ``cfg.attention``, or softmax in ``cfg.softmax_layers``)."""
 
     def __init__(self, cfg: ModelConfig, layer_index: int, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -44,7 +45,7 @@ class Attention(nnx.Module):
         self.wk = _linear(cfg, rngs, cfg.dim, cfg.n_kv_heads * d)
         self.wv = _linear(cfg, rngs, cfg.dim, cfg.n_kv_heads * d)
         self.wo = _linear(cfg, rngs, cfg.n_heads * d, cfg.dim)
-        preset = presets.get(cfg.attention)
+        preset = presets.get(cfg.layer_attention(layer_index))
         self.math = None
         self.extra = ()
         if preset is not None:
@@ -298,14 +299,14 @@ def _extra_params(cfg: ModelConfig, preset: presets.Preset, layer_index: int) ->
 
 
 def attention_param_defaults(cfg: ModelConfig) -> dict:
-    """Initial values {flat name: array} of the linear-attention params: what a softmax
-    checkpoint lacks when it is linearised."""
+    """Initial values {flat name: array} of the linear-attention params (of the linear layers
+    only, in a hybrid): what a softmax checkpoint lacks when it is linearised."""
     preset = presets.get(cfg.attention)
     if preset is None:
         return {}
     return {
         f"layers.{i}.attn.{name}": value
-        for i in range(cfg.n_layers)
+        for i in cfg.linear_layers
         for name, value in _extra_params(cfg, preset, i).items()
     }
 

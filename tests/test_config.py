@@ -101,3 +101,37 @@ def test_the_llama2_linearize_config_is_the_published_aug_run():
                               "layers.0.attn_norm.scale", "layers.0.mlp_norm.scale", "norm.scale"]
     assert plan.lora == [f"layers.0.attn.{w}.kernel" for w in ("wk", "wo", "wq", "wv")]
     assert "lm_head.kernel" in plan.frozen
+
+
+def test_softmax_layers_load_from_yaml_and_overrides_as_a_hashable_tuple(tmp_path):
+    path = tmp_path / "hybrid.yaml"
+    path.write_text("model:\n  n_layers: 6\n  attention: aug\n  softmax_layers: [0, 3, 5]\n")
+    cfg = load_config(path)
+    assert cfg.model.softmax_layers == (0, 3, 5) and cfg.model.linear_layers == (1, 2, 4)
+    assert [cfg.model.layer_attention(i) for i in range(6)] == ["softmax", "aug", "aug", "softmax", "aug", "softmax"]
+    hash(cfg.model)  # a jit static argument in places
+    overridden = load_config(path, ["model.softmax_layers=[5,0]"]).model
+    assert overridden.softmax_layers == (5, 0) and overridden.linear_layers == (1, 2, 3, 4)
+    assert load_config(path, ["model.softmax_layers=[]"]).model.linear_layers == tuple(range(6))
+    assert load_config(None).model.softmax_layers == ()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.softmax_layers=[0,4]"], r"model.softmax_layers=\[0, 4\]: layer 4 is out of range; the layers are "
+                                         r"numbered 0..3 \(model.n_layers\)"),
+        (["model.softmax_layers=[-1]"], r"layer -1 is out of range"),
+        (["model.softmax_layers=[1,2,1]"], r"model.softmax_layers=\[1, 2, 1\]: layer 1 is listed twice"),
+        (["model.softmax_layers=[0,1,2,3]"],
+         r"lists every layer: that is a softmax model; set model.attention=softmax"),
+        (["model.attention=softmax", "model.softmax_layers=[0]"],
+         r"has no effect with model.attention='softmax': set model.attention to the linear preset"),
+        (["model.softmax_layers=0"], r"model.softmax_layers: expected a list of int \(e.g. \[0, 15\]\), got 0"),
+        (["model.softmax_layers=[0.5]"], r"model.softmax_layers\[0\]: expected int, got 0.5"),
+        (["model.softmax_layers=[true]"], r"model.softmax_layers\[0\]: expected int, got True"),
+    ],
+)
+def test_bad_softmax_layers_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS[0].parent / "tiny.yaml", ["model.attention=aug", *overrides])

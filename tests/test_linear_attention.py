@@ -17,7 +17,7 @@ from flax import nnx
 from lin_llm import CheckpointError, load_checkpoint, save_model
 from lin_llm.attention import conv, layer, presets
 from lin_llm.attention.layer import layer_math
-from models import tiny_model
+from models import attention_overrides, tiny_model
 from state_utils import assert_states_close
 
 LINEAR = [name for name in presets.NAMES if name != "softmax"]
@@ -175,9 +175,11 @@ MODEL_G = 4
 
 
 def _model(name, compute_dtype="float32"):
+    """A one-layer model of a preset, or a hybrid ("hybrid-aug": five layers, softmax in 0, 2 and 4)
+    with every parameter perturbed."""
     return tiny_model("model.n_layers=1", "model.vocab_size=50", "model.max_seq_len=64", "train.seq_len=64",
-                      f"model.attention={name}", f"model.la.group_size={MODEL_G}", "model.la.feature_dim=16",
-                      f"model.compute_dtype={compute_dtype}", seed=1)
+                      *attention_overrides(name), f"model.la.group_size={MODEL_G}", "model.la.feature_dim=16",
+                      f"model.compute_dtype={compute_dtype}", seed=1, norms=name.startswith("hybrid-"))
 
 
 _prefill = nnx.jit(lambda model, ids, state: model.prefill(ids, state))
@@ -186,7 +188,8 @@ _verify = nnx.jit(lambda model, ids, state, anc, dep: model.verify(ids, state, a
 _commit = nnx.jit(lambda model, state, pending, path, n: model.commit(state, pending, path, n))
 _full = nnx.jit(lambda model, ids: model(ids))
 IDS = jnp.asarray(np.random.RandomState(5).randint(0, 50, size=(2, 19)))  # 19 tokens: 4 group boundaries
-MODEL_CASES = ["softmax"] + LINEAR
+# hybrids: five layers, softmax in 0, 2 and 4; the second runs the same per-layer code as the first
+MODEL_CASES = ["softmax"] + LINEAR + ["hybrid-aug", pytest.param("hybrid-hedgehog+conv", marks=pytest.mark.slow)]
 
 
 def _assert_close(a, b, tol=1e-5):

@@ -13,14 +13,14 @@ from flax import nnx
 import lin_llm
 import lin_llm.model
 import pallas_kernels
-from models import tiny_model
+from models import attention_overrides, tiny_model
 
 IDS = jnp.asarray(np.random.RandomState(0).randint(0, 260, size=(2, 70)))  # 70: not a multiple of G
 
 
 def _model(name, impl):
     return tiny_model("model.n_layers=1", "model.dim=64", "model.vocab_size=260", "model.max_seq_len=1024",
-                      f"model.attention={name}", f"model.attention_impl={impl}", "model.la.group_size=16",
+                      *attention_overrides(name), f"model.attention_impl={impl}", "model.la.group_size=16",
                       "model.la.conv_kernel_size=63", seed=0)
 
 
@@ -32,7 +32,7 @@ def _loss(model, ids):
 _value_and_grad = nnx.jit(nnx.value_and_grad(_loss))
 
 
-@pytest.mark.parametrize("name", ["aug", "global", "local_conv", "elu", "performer+conv", "castling", "flash"])
+@pytest.mark.parametrize("name", ["aug", "global", "local_conv", "elu", "performer+conv", "castling", "flash", "hybrid-aug"])
 def test_pallas_interpret_model_equals_xla_model(name):
     (loss_x, grads_x), (loss_p, grads_p) = (_value_and_grad(_model(name, impl), IDS) for impl in ("xla", "pallas_interpret"))
     assert abs(float(loss_x) - float(loss_p)) <= 1e-5 * abs(float(loss_x))
@@ -46,6 +46,9 @@ def test_yoso_falls_back_to_xla_and_auto_is_xla_on_cpu():
     (loss_x, _), (loss_p, _) = (_value_and_grad(_model("yoso", impl), IDS) for impl in ("xla", "pallas_interpret"))
     assert float(loss_x) == float(loss_p)  # the same XLA chunked form: no kernel for YOSO's kernel
     assert _model("aug", "auto").layers[0].attn.math.impl.name == "xla"
+    hybrid = _model("hybrid-aug", "pallas_interpret")  # the kernels run the linear layers; softmax stays softmax
+    assert [block.attn.math and block.attn.math.impl.name for block in hybrid.layers] == [
+        None, "pallas_interpret", None, "pallas_interpret", None]
 
 
 def test_pallas_on_cpu_is_refused_at_build():

@@ -12,18 +12,23 @@ from scipy import stats
 
 import lin_llm
 from lin_llm.decoding import build_tree, generate, medusa_generate, medusa_loss, process_logits, speculative_generate
-from models import tiny_model
+from models import attention_overrides, tiny_model
 from state_utils import assert_states_close
 
 GROUP = 4
 
 
 def _model(attention, seed, n_layers=2, vocab=64):
-    return tiny_model(f"model.n_layers={n_layers}", f"model.attention={attention}", f"model.la.group_size={GROUP}",
-                      f"model.vocab_size={vocab}", seed=seed)
+    """A model of a preset, or a hybrid ("hybrid-aug": five layers, softmax in 0, 2 and 4, every
+    parameter perturbed)."""
+    return tiny_model(f"model.n_layers={n_layers}", *attention_overrides(attention), f"model.la.group_size={GROUP}",
+                      f"model.vocab_size={vocab}", seed=seed, norms=attention.startswith("hybrid-"))
 
 
 PROMPTS = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7]]  # ragged, right-padded inside
+
+
+_step = nnx.jit(lambda model, ids, state: model.step(ids, state)[1])
 
 
 def _step_state(model, prompt, tokens):
@@ -31,7 +36,7 @@ def _step_state(model, prompt, tokens):
     state = model.init_state(1, 96)
     _, state = model.prefill(jnp.asarray([prompt]), state)
     for token in tokens:
-        _, state = model.step(jnp.asarray([token]), state)
+        state = _step(model, jnp.asarray([token]), state)
     return state
 
 
@@ -39,9 +44,9 @@ def _greedy_cases():
     """Every target with an often-wrong and an always-right draft; castling and flash with the slow
     tests (their verify and commit forms are checked against steps in test_linear_attention, and
     the speculative loop does not depend on the preset)."""
-    for attention in ("softmax", "aug", "hedgehog+conv", "castling", "flash"):
+    for attention in ("softmax", "aug", "hedgehog+conv", "hybrid-aug", "castling", "flash", "hybrid-hedgehog+conv"):
         for draft_kind in ("random", "target"):
-            slow = attention in ("castling", "flash")
+            slow = attention in ("castling", "flash", "hybrid-hedgehog+conv")
             yield pytest.param(attention, draft_kind, id=f"{draft_kind}-{attention}",
                                marks=[pytest.mark.slow] if slow else [])
 
@@ -103,12 +108,13 @@ def _exact_joint(model, prompt, n_tokens, temperature, top_k):
 
 
 @pytest.mark.parametrize(
-    "gamma, temperature, top_k",
-    [(1, 1.0, None), pytest.param(2, 1.0, None, marks=pytest.mark.slow), (2, 1.0, 3),
-     pytest.param(3, 0.7, 4, marks=pytest.mark.slow)],
+    "target_kind, gamma, temperature, top_k",
+    [("aug", 1, 1.0, None), pytest.param("aug", 2, 1.0, None, marks=pytest.mark.slow), ("aug", 2, 1.0, 3),
+     pytest.param("aug", 3, 0.7, 4, marks=pytest.mark.slow), ("hybrid-aug", 2, 1.0, 3),
+     pytest.param("hybrid-hedgehog+conv", 3, 0.7, 4, marks=pytest.mark.slow)],
 )
-def test_speculative_sampling_matches_the_target_distribution(gamma, temperature, top_k):
-    target = _model("aug", 4, vocab=VOCAB)
+def test_speculative_sampling_matches_the_target_distribution(target_kind, gamma, temperature, top_k):
+    target = _model(target_kind, 4, vocab=VOCAB)
     draft = _model("softmax", 5, n_layers=1, vocab=VOCAB)  # a different distribution q
     prompt, n_tokens, n_samples = [1, 3, 2, 5], 3, 6000
     tokens, summary = speculative_generate(
@@ -129,7 +135,7 @@ def test_speculative_sampling_matches_the_target_distribution(gamma, temperature
 
 @functools.lru_cache(maxsize=None)
 def _medusa_model(attention, head_scale):
-    model = tiny_model(f"model.attention={attention}", f"model.la.group_size={GROUP}", "model.medusa_heads=3",
+    model = tiny_model(*attention_overrides(attention), f"model.la.group_size={GROUP}", "model.medusa_heads=3",
                        seed=6, perturb=0.0)
     model = nnx.clone(model)  # the heads are set below: keep the cached model as built
     for i, head in enumerate(model.medusa):  # scale 0: every head copies the next-token head
@@ -139,7 +145,8 @@ def _medusa_model(attention, head_scale):
 
 @pytest.mark.parametrize(
     "attention, head_scale",
-    [("softmax", 0.0), ("softmax", 0.5), ("aug", 0.0), ("aug", 0.5), ("castling", 0.5), ("flash", 0.5)],
+    [("softmax", 0.0), ("softmax", 0.5), ("aug", 0.0), ("aug", 0.5), ("castling", 0.5), ("flash", 0.5),
+     ("hybrid-aug", 0.5)],
 )
 def test_medusa_greedy_equals_plain_greedy(attention, head_scale):
     model = _medusa_model(attention, head_scale)

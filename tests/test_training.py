@@ -58,12 +58,15 @@ def run(cfg, devices=None, resume=False, until=None):
 
 
 def test_eight_device_step_equals_one_device_and_params_are_sharded(tmp_path):
-    one, _ = run(tiny_cfg(tmp_path / "one", "model.attention=aug", *ONE_DEVICE), devices=jax.devices()[:1])
-    cfg8 = tiny_cfg(tmp_path / "eight", "model.attention=aug", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    hybrid = ("model.attention=aug", "model.softmax_layers=[1]")  # layer 0 aug, layer 1 softmax
+    one, _ = run(tiny_cfg(tmp_path / "one", *hybrid, *ONE_DEVICE), devices=jax.devices()[:1])
+    cfg8 = tiny_cfg(tmp_path / "eight", *hybrid, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
     trainer = Trainer(cfg8, progress=False)
     try:
         assert dict(trainer.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
         params = {**trainer.state["params"], **trainer.frozen}
+        assert "layers.0.attn.conv" in params and not any(n.startswith("layers.1.attn.") and "kernel" not in n
+                                                           for n in params)
         expected = {  # the rules: embed -> fsdp, heads/mlp/vocab(lm_head) -> tensor, table rows and the rest whole
             "embed.embedding": (P(None, "fsdp"), (260, 32)),
             "layers.0.attn.wq.kernel": (P("fsdp", "tensor"), (32, 32)),
@@ -118,9 +121,11 @@ def test_forward_with_constraints_and_remat_equals_model_call():
 
 
 def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
-    # LoRA + a trainable regex + gradient accumulation + weight decay: every piece of state matters
+    # LoRA + a trainable regex + gradient accumulation + weight decay, on a hybrid (layer 0 softmax,
+    # layer 1 aug): every piece of state matters
     extra = ["train.steps=6", "train.save_every=2", "train.lora_rank=4", "train.trainable=norm|embed",
-             "train.grad_accum=2", "train.weight_decay=0.1", "train.eval_every=3"]
+             "train.grad_accum=2", "train.weight_decay=0.1", "train.eval_every=3", "model.attention=aug",
+             "model.softmax_layers=[0]"]
     whole, _ = run(tiny_cfg(tmp_path / "whole", *extra), devices=jax.devices()[:4])
     first, _ = run(tiny_cfg(tmp_path / "split", *extra), devices=jax.devices()[:4], until=3)
     assert first.end_step == 3 and sorted(first.losses) == [1, 2, 3]
@@ -315,8 +320,9 @@ def test_grad_accumulation_bf16_compute_and_donation(tmp_path):
 
 
 def test_lora_and_trainable_regex_freeze_the_rest(tmp_path):
+    # on a hybrid (layer 0 aug, layer 1 softmax): LoRA on both layers' projections, the aug params frozen
     cfg = tiny_cfg(tmp_path, "train.steps=2", "train.lora_rank=2", "train.trainable=norm\\.scale$",
-                   "train.learning_rate=1e-2", *ONE_DEVICE)
+                   "train.learning_rate=1e-2", "model.attention=aug", "model.softmax_layers=[1]", *ONE_DEVICE)
     trainer = Trainer(cfg, progress=False, devices=jax.devices()[:1])
     try:
         before = {n: np.asarray(v) for n, v in flat_params(trainer.final_model()).items()}
@@ -331,25 +337,52 @@ def test_lora_and_trainable_regex_freeze_the_rest(tmp_path):
         changed = not np.array_equal(before[name], after[name])
         should = name.endswith("norm.scale") or any(f"attn.{w}.kernel" in name for w in ("wq", "wk", "wv", "wo"))
         assert changed == should, name
+    assert "layers.0.attn.conv" in before and "layers.1.attn.conv" not in before
 
 
 def test_distillation_fits_linear_attention_to_softmax(tmp_path):
-    softmax = build_model(load_config(None, [*TINY, "model.init_std=0.2"]).model, seed=4)
+    # a hybrid: layer 1 keeps softmax attention, so it is neither trained nor measured
+    softmax = build_model(load_config(None, [*TINY, "model.init_std=0.2", "model.n_layers=3"]).model, seed=4)
     save_model(softmax, tmp_path / "softmax")
-    cfg = tiny_cfg(tmp_path / "run", "model.init_std=0.2", "model.attention=hedgehog", f"train.init_from={tmp_path / 'softmax'}",
+    cfg = tiny_cfg(tmp_path / "run", "model.init_std=0.2", "model.n_layers=3", "model.attention=hedgehog",
+                   "model.softmax_layers=[1]", f"train.init_from={tmp_path / 'softmax'}",
                    "train.distill_steps=60", "train.distill_learning_rate=3e-2", "train.steps=1", *ONE_DEVICE)
     trainer = Trainer(cfg, progress=False, devices=jax.devices()[:1])
     try:
         losses = trainer.distill_losses
         assert len(losses) == 60 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+        layer_losses = trainer.distill_layer_losses
+        assert sorted(layer_losses) == [0, 2] and all(0 < v < np.mean(losses[:5]) for v in layer_losses.values())
+        # the loss is the mean over the linear layers; a layer's final loss averages the last tenth of the steps
+        assert abs(np.mean(list(layer_losses.values())) - np.mean(losses[-6:])) < 1e-5 * np.mean(losses[-6:])
         # only the new params moved; the softmax weights are exactly the checkpoint's
         params = flat_params(trainer.final_model())
         ref = flat_params(softmax)
         for name, value in ref.items():
             np.testing.assert_array_equal(np.asarray(params[name]), np.asarray(value))
-        assert not np.allclose(np.asarray(params["layers.0.attn.hedgehog_q"]), np.eye(16))
+        assert sorted(set(params) - set(ref)) == [f"layers.{i}.attn.hedgehog_{x}" for i in (0, 2) for x in "kq"]
+        for i in (0, 2):
+            assert not np.allclose(np.asarray(params[f"layers.{i}.attn.hedgehog_q"]), np.eye(16))
     finally:
         trainer.close()
+
+
+def test_choosing_softmax_layers_by_transfer_loss(tmp_path, capsys):
+    softmax = build_model(load_config(None, [*TINY, "model.n_layers=3"]).model, seed=5)
+    save_model(softmax, tmp_path / "softmax")
+    from lin_llm.cli import hybrid
+
+    argv = ["--highest", "2", "--no-progress", *TINY, "model.n_layers=3", "model.attention=hedgehog",
+            "model.softmax_layers=[0]",  # ignored: the transfer runs with every layer linear
+            f"train.init_from={tmp_path / 'softmax'}", "train.distill_steps=10", f"train.output_dir={tmp_path / 'x'}"]
+    assert hybrid.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = (re.match(r"\s+layer\s+(\d+)\s+([\d.]+)$", line) for line in out)
+    losses = {int(m.group(1)): float(m.group(2)) for m in rows if m}
+    assert sorted(losses) == [0, 1, 2] and all(v > 0 for v in losses.values())
+    top2 = sorted(sorted(losses, key=lambda i: -losses[i])[:2])
+    assert out[-1] == f"model.softmax_layers=[{','.join(map(str, top2))}]"
+    assert not (tmp_path / "x").exists()  # nothing is kept
 
 
 def test_medusa_objective_trains_only_the_heads(tmp_path):

@@ -58,7 +58,7 @@ def _benchmark(args, target, draft, prompt) -> None:
         target, prompt, args.max_new_tokens, draft=draft, medusa_topk=args.medusa_topk if args.medusa else None,
         gamma=args.gamma,
     )
-    result["attention"] = target.cfg.attention
+    result["attention"] = target.cfg.attention_summary
     latency = benchmarking.latency_at_contexts(target, benchmarking.CONTEXTS)
     result["latency_ms_per_token"] = {str(c): round(1e3 * s, 4) for c, s in latency.items()}
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))

@@ -63,7 +63,9 @@ def check_param_shapes(cfg: ModelConfig, shapes: Mapping[str, tuple]) -> dict[st
     defaults = new_param_defaults(cfg)
     if unexpected or not set(missing) <= set(defaults):
         raise CheckpointError(
-            f"parameters do not match model.attention={cfg.attention!r} and the other fields of the config: "
+            f"parameters do not match model.attention={cfg.attention!r}"
+            + (f", model.softmax_layers={list(cfg.softmax_layers)}" if cfg.softmax_layers else "")
+            + " and the other fields of the config: "
             f"missing {[n for n in missing if n not in defaults][:5]}, unexpected {unexpected[:5]}"
         )
     for name, shape in shapes.items():

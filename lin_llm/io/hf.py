@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 from lin_llm.config import ModelConfig, RopeConfig, model_config_from_dict
 from lin_llm.errors import CheckpointError, ConfigError
 from lin_llm.io.atomic import atomic_directory
-from lin_llm.io.checkpoint import copy_tokenizer_files, load_model_dir, write_model_dir
+from lin_llm.io.checkpoint import copy_tokenizer_files, load_model_dir, read_model_config, write_model_dir
 from lin_llm.model import flat_params, param_shapes
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -256,6 +256,21 @@ def convert_hf_to_checkpoint(hf_dir: str | Path, out: str | Path, overwrite: boo
 # --------------------------------------------------------------------------- ours -> HF
 
 
+def check_exportable(cfg: ModelConfig) -> None:
+    """Refuse a model that a Hugging Face LLaMA cannot hold, before anything is written: one with
+    linear attention in any layer (a linearised or hybrid model), whose conv, mixing weights and
+    feature maps have no place there and would be silently dropped."""
+    if cfg.linear_layers:
+        kept = f"; softmax in layers {list(cfg.softmax_layers)}" if cfg.softmax_layers else ""
+        raise CheckpointError(
+            f"the checkpoint has linear attention (model.attention={cfg.attention!r}) in layers "
+            f"{list(cfg.linear_layers)}{kept}: a Hugging Face LLaMA has softmax attention in every layer, so its "
+            "linear-attention params would be lost and its outputs would change. Keep it as a lin_llm checkpoint "
+            "(load_checkpoint and decode.py read it); only a softmax model exports to Hugging Face"
+        )
+
+
+
 def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -273,8 +288,9 @@ def export_to_hf(
 ) -> None:
     """Write a HF LLaMA directory (config.json, safetensors, tokenizer files) from our checkpoint."""
     checkpoint = Path(checkpoint).absolute()
-    model = load_model_dir(checkpoint)
-    cfg = model.cfg
+    cfg = read_model_config(checkpoint)
+    check_exportable(cfg)
+    model = load_model_dir(checkpoint, cfg)
     flat = flat_params(model)
     tensors = {}
     for ours, (theirs, transposed) in hf_names(cfg).items():

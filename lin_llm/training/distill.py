@@ -1,6 +1,7 @@
 """Attention transfer (LoLCATs stage 1): train only the new linear-attention params (or
 train.distill_trainable) so that each layer's attention output matches the softmax layer's
-(relative MSE), on the softmax model's own hidden states; everything else stays frozen."""
+(relative MSE), on the softmax model's own hidden states; everything else stays frozen. A hybrid's
+softmax layers (model.softmax_layers) are the teacher's own: they are neither trained nor measured."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -35,29 +37,42 @@ def distilled_names(cfg: Config, names) -> list[str]:
     return chosen
 
 
-def attention_mse(student, teacher, ids, constrain=lambda x: x):
-    """Mean over layers of |student attn - teacher attn|^2 / |teacher attn|^2, each layer fed the
-    teacher's own hidden states (the teacher's residual stream runs through every block)."""
+def layer_attention_mse(student, teacher, ids, constrain=lambda x: x):
+    """|student attn - teacher attn|^2 / |teacher attn|^2 of each linear-attention layer of the
+    student ([len(linear_layers)]), each layer fed the teacher's own hidden states (the teacher's
+    residual stream runs through every block). A hybrid's softmax layers are the teacher's own and
+    are not measured."""
     b, s = ids.shape
     positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+    linear = set(student.cfg.linear_layers)
     x = teacher.embed(ids)
-    total = 0.0
-    for student_block, teacher_block in zip(student.layers, teacher.layers):
+    losses = []
+    for i, (student_block, teacher_block) in enumerate(zip(student.layers, teacher.layers)):
         normed = teacher_block.attn_norm(x)
         target = jax.lax.stop_gradient(teacher_block.attn(normed, positions))
-        y_t, y_s = target.astype(F32), student_block.attn(normed, positions).astype(F32)
-        total = total + jnp.mean(jnp.square(y_s - y_t)) / jnp.maximum(jnp.mean(jnp.square(y_t)), 1e-12)
+        if i in linear:
+            y_t, y_s = target.astype(F32), student_block.attn(normed, positions).astype(F32)
+            losses.append(jnp.mean(jnp.square(y_s - y_t)) / jnp.maximum(jnp.mean(jnp.square(y_t)), 1e-12))
         x = constrain(teacher_block.finish(x, target))
-    return total / len(student.layers)
+    return jnp.stack(losses)
+
+
+def final_layer_losses(layers, per_step: list) -> dict[int, float]:
+    """{layer: relative MSE at the end of transfer} from per_step[i][j], layer layers[j]'s loss at
+    step i: the mean over the last tenth of the steps (at least one), each measured on its batch
+    before that batch's update."""
+    tail = per_step[-max(1, len(per_step) // 10):]
+    return {layer: float(value) for layer, value in zip(layers, np.mean(tail, axis=0))}
 
 
 def attention_transfer(cfg: Config, flat: dict, param_sh: dict, eval_sh, mesh, batches: Callable[[int], jax.Array],
-                       progress: Callable) -> tuple[dict, list[float]]:
-    """train.distill_steps Adam steps on attention_mse; returns all params and the losses.
-    batches(i) is step i's token batch [micro, T + 1] on the mesh."""
+                       progress: Callable) -> tuple[dict, list[float], dict[int, float]]:
+    """train.distill_steps Adam steps on the mean of layer_attention_mse; returns all params, the losses and each
+    linear layer's final relative MSE (final_layer_losses). batches(i) is step i's token batch
+    [micro, T + 1] on the mesh."""
     t = cfg.train
     names = distilled_names(cfg, flat)
-    teacher_cfg = dataclasses.replace(cfg.model, attention="softmax")
+    teacher_cfg = dataclasses.replace(cfg.model, attention="softmax", softmax_layers=())
     student_def = nnx.split(abstract_model(cfg.model))[0]
     teacher_def = nnx.split(abstract_model(teacher_cfg))[0]
     teacher_names = set(param_shapes(teacher_cfg))
@@ -69,7 +84,9 @@ def attention_transfer(cfg: Config, flat: dict, param_sh: dict, eval_sh, mesh, b
         every = {**others, **dparams}
         student = nnx.merge(student_def, unflatten(every))
         teacher = nnx.merge(teacher_def, unflatten({n: every[n] for n in teacher_names}))
-        return attention_mse(student, teacher, shd.constrain(tokens[:, :-1], mesh, "batch", "length"), constrain)
+        per_layer = layer_attention_mse(student, teacher, shd.constrain(tokens[:, :-1], mesh, "batch", "length"),
+                                        constrain)
+        return jnp.mean(per_layer), per_layer
 
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(t.distill_learning_rate))
     dparams = {n: flat[n] for n in names}
@@ -79,20 +96,26 @@ def attention_transfer(cfg: Config, flat: dict, param_sh: dict, eval_sh, mesh, b
     opt = jax.jit(tx.init, out_shardings=opt_sh)(dparams)
 
     def step(dparams, opt, others, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(dparams, others, tokens)
+        (loss, per_layer), grads = jax.value_and_grad(loss_fn, has_aux=True)(dparams, others, tokens)
         updates, opt = tx.update(grads, opt, dparams)
-        return optax.apply_updates(dparams, updates), opt, loss
+        return optax.apply_updates(dparams, updates), opt, loss, per_layer
 
-    step = jax.jit(step, in_shardings=(d_sh, opt_sh, o_sh, eval_sh), out_shardings=(d_sh, opt_sh, shd.replicated(mesh)),
+    rep = shd.replicated(mesh)
+    step = jax.jit(step, in_shardings=(d_sh, opt_sh, o_sh, eval_sh), out_shardings=(d_sh, opt_sh, rep, rep),
                    donate_argnums=(0, 1))
     bar = progress(range(t.distill_steps), "distill")
-    losses = []
+    losses, per_step = [], []
     for i in bar:
-        dparams, opt, loss = step(dparams, opt, others, batches(i))
+        dparams, opt, loss, per_layer = step(dparams, opt, others, batches(i))
         losses.append(loss)
+        per_step.append(per_layer)
         if metrics.is_main() and hasattr(bar, "set_postfix") and (i % t.log_every == 0 or i == t.distill_steps - 1):
             bar.set_postfix(mse=f"{float(loss):.4f}")
-    losses = [float(x) for x in jax.device_get(losses)]
+    losses, per_step = jax.device_get((losses, per_step))
+    losses = [float(x) for x in losses]
+    layer_losses = final_layer_losses(cfg.model.linear_layers, per_step) if per_step else {}
     if losses:
-        metrics.log(f"distillation: {t.distill_steps} steps, final relative attention MSE {losses[-1]:.4f}")
-    return {**others, **dparams}, losses
+        by_layer = ", ".join(f"{layer}: {value:.4f}" for layer, value in layer_losses.items())
+        metrics.log(f"distillation: {t.distill_steps} steps, final relative attention MSE {losses[-1]:.4f} "
+                    f"(per layer {by_layer})")
+    return {**others, **dparams}, losses, layer_losses

@@ -92,6 +92,7 @@ class Trainer:
         self._eval_rows = state_lib.local_rows(self.sh.eval, (self.micro, t.seq_len + 1), axis=0)
 
         self.distill_losses: list[float] = []
+        self.distill_layer_losses: dict[int, float] = {}  # each linear layer's final relative MSE
         if latest is not None:
             restored = self.store.restore(latest, state_lib.abstract_state(self.plan, self.sh, self.tx))
             self.frozen = restored.pop("frozen")
@@ -99,7 +100,7 @@ class Trainer:
         else:
             flat = checkpoints.initial_params(cfg, self.sh.params)
             if t.distill_steps:
-                flat, self.distill_losses = attention_transfer(
+                flat, self.distill_losses, self.distill_layer_losses = attention_transfer(
                     cfg, flat, self.sh.params, self.sh.eval, self.mesh, self._distill_batch, self.bar)
             self.state, self.frozen = state_lib.fresh_state(self.plan, self.sh, self.tx, flat, t.seed)
 
@@ -182,7 +183,7 @@ class Trainer:
         result = TrainResult(start, end, losses, val, tok_s, stop.requested and end < t.steps, self.output_dir, model_dir)
         if val:
             summary = {"steps": end, "val_loss": round(result.final_val_loss, 5), "val_ppl": round(result.final_val_ppl, 4),
-                       "tokens_per_s": round(tok_s, 1), "attention": self.cfg.model.attention}
+                       "tokens_per_s": round(tok_s, 1), "attention": self.cfg.model.attention_summary}
             writer.write({"summary": summary})
             metrics.log("summary: " + " ".join(f"{k}={v}" for k, v in summary.items()))
         writer.close()
@@ -194,7 +195,7 @@ class Trainer:
         metrics.log(
             f"mesh {dict(self.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices "
             f"({jax.process_count()} process{'es' if jax.process_count() > 1 else ''}); model "
-            f"{self.cfg.model.attention} {n_params / 1e6:.2f}M params, training {n_train / 1e6:.3f}M; data "
+            f"{self.cfg.model.attention_summary} {n_params / 1e6:.2f}M params, training {n_train / 1e6:.3f}M; data "
             f"{self.corpus.source}: {len(self.corpus.train)} train / {len(self.corpus.val)} val tokens"
         )
 
