@@ -47,8 +47,8 @@ class AttentionConfig:
     conv_per_channel: bool = False  # the original shares one filter per head
     local_kernel: str = "relu2"  # "relu2" or "yoso"
     eps: float = 1e-6  # L2-normalisation epsilon of q and k
-    feature_dim: int = 64  # random features of Performer FAVOR+
-    seed: int = 0  # seed of fixed random features
+    feature_dim: int = 64  # random features of Performer FAVOR+; width f of lolcats' Hedgehog maps (F = 2f)
+    seed: int = 0  # seed of fixed random features (and of lolcats' map init)
 
 
 @dataclasses.dataclass(frozen=True)

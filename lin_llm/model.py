@@ -54,7 +54,7 @@ class Attention(nnx.Module):
                 max_len=cfg.max_seq_len, performer_features=la.feature_dim, seed=la.seed, layer=layer_index,
                 impl=select_impl(cfg.attention_impl),
             )
-            extra = presets.init_params(preset, cfg.n_heads, d, la.conv_kernel_size, la.conv_per_channel)
+            extra = _init_attention_params(cfg, preset, layer_index)
             for name, value in extra.items():
                 setattr(self, name, nnx.Param(jnp.asarray(value)))
             self.extra = tuple(extra)
@@ -275,9 +275,19 @@ def attention_param_defaults(cfg: ModelConfig) -> dict:
     preset = presets.get(cfg.attention)
     if preset is None:
         return {}
-    la, d = cfg.la, cfg.resolved_head_dim
-    extra = presets.init_params(preset, cfg.n_heads, d, la.conv_kernel_size, la.conv_per_channel)
-    return {f"layers.{i}.attn.{name}": value for i in range(cfg.n_layers) for name, value in extra.items()}
+    return {
+        f"layers.{i}.attn.{name}": value
+        for i in range(cfg.n_layers)
+        for name, value in _init_attention_params(cfg, preset, i).items()
+    }
+
+
+def _init_attention_params(cfg: ModelConfig, preset: presets.Preset, layer_index: int) -> dict:
+    la = cfg.la
+    return presets.init_params(
+        preset, cfg.n_heads, cfg.resolved_head_dim, la.conv_kernel_size, la.conv_per_channel,
+        feature_dim=la.feature_dim, seed=la.seed, layer=layer_index,
+    )
 
 
 def new_param_defaults(cfg: ModelConfig) -> dict:

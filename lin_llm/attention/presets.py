@@ -9,6 +9,16 @@ Families (normalised causal linear attention, kappa = phi(q) . phi(k), fixed wei
          gating unit replaces the MLP in FLASH and does not fit a LLaMA block, so only the
          attention is taken;
   yoso: local_global with the YOSO local kernel.
+LoLCATs (HazyResearch/lolcats, linear_window_attention_tk.py; the math in window.py):
+  lolcats: softmax exp(q.k/sqrt(d) - m) over the current and the previous group (m: the max over
+         that window), plus linear attention with LoLCATs' Hedgehog maps (per-head W [H, d, f],
+         f = model.la.feature_dim, [softmax(xW), softmax(-xW)] clamped at 1e-12, after RoPE,
+         W Kaiming-uniform from (model.la.seed, layer)) over all earlier groups; one normaliser;
+         the window part weighted by sigmoid(window_factor) per head (init sigmoid = 0.1), the
+         linear part by 1 (their affine_attention_factors=false). Differences from LoLCATs: groups
+         align to position 0 (theirs align to the sequence's end, so a token's window depended
+         on how many tokens follow it), and decoding keeps the same blocked window (theirs
+         decodes with a sliding window of 64, unlike its training form).
 Every other preset without a conv also exists as NAME+conv (e.g. hedgehog+conv, global+conv). Linformer is excluded: it mixes the length
 axis and has no causal form (see feature_maps.py).
 """
@@ -19,20 +29,22 @@ import dataclasses
 
 import numpy as np
 
+from lin_llm.attention.feature_maps import lolcats_map_init
 from lin_llm.config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
     name: str
-    feature: str  # l2 | elu | relu | performer | cosformer | hedgehog | castling | scaled
-    local: str | None  # "paper" (model.la.local_kernel), dot, relu2, yoso, or None
+    feature: str  # l2 | elu | relu | performer | cosformer | hedgehog | castling | scaled | lolcats
+    local: str | None  # "paper" (model.la.local_kernel), dot, relu2, yoso, softmax (window only), or None
     use_global: bool
     normalize: bool
     learned_mix: bool  # lambda and alpha are parameters (the paper's layer) rather than 1
     alpha_init: float = 0.0
     conv: bool = False
     flash: bool = False  # the local term is divided by the group size
+    window: bool = False  # LoLCATs: softmax window + linear attention, its own forms (window.py)
 
 
 _BASE = {
@@ -52,6 +64,7 @@ _BASE = {
         Preset("castling", "castling", "dot", True, True, False),
         Preset("flash", "scaled", "relu2", True, False, False, flash=True),
         Preset("yoso", "l2", "yoso", True, False, True),
+        Preset("lolcats", "lolcats", "softmax", True, True, False, window=True),
     )
 }
 PRESETS = dict(_BASE)
@@ -83,13 +96,20 @@ def feature_dim(preset: Preset, head_dim: int, performer_features: int) -> int:
         "cosformer": 2 * head_dim,
         "hedgehog": 2 * head_dim,
         "castling": head_dim + 1,
+        "lolcats": 2 * performer_features,
     }.get(preset.feature, head_dim)
 
 
-def init_params(preset: Preset, n_heads: int, head_dim: int, conv_kernel_size: int, conv_per_channel: bool):
+# LoLCATs' init_window_factor: sigmoid(-2.197...) = 0.1 on the window part
+LOLCATS_WINDOW_FACTOR = float(np.log(0.1 / 0.9))
+
+
+def init_params(preset: Preset, n_heads: int, head_dim: int, conv_kernel_size: int, conv_per_channel: bool,
+                *, feature_dim: int = 64, seed: int = 0, layer: int = 0):
     """The layer's extra parameters, by name, at their (deterministic) initial values.
 
-    One source for both a fresh model and a softmax checkpoint being linearised.
+    One source for both a fresh model and a softmax checkpoint being linearised. feature_dim,
+    seed and layer are read by lolcats only (its Hedgehog maps are drawn at random, as LoLCATs').
     """
     params = {}
     if preset.learned_mix and preset.local is not None:
@@ -103,4 +123,7 @@ def init_params(preset: Preset, n_heads: int, head_dim: int, conv_kernel_size: i
         eye = np.broadcast_to(np.eye(head_dim, dtype=np.float32), (n_heads, head_dim, head_dim))
         params["hedgehog_q"] = eye.copy()
         params["hedgehog_k"] = eye.copy()
+    if preset.feature == "lolcats":
+        params["hedgehog_q"], params["hedgehog_k"] = lolcats_map_init(seed, layer, n_heads, head_dim, feature_dim)
+        params["window_factor"] = np.full((n_heads,), LOLCATS_WINDOW_FACTOR, np.float32)
     return params
