@@ -45,8 +45,17 @@ def _step_state(model, prompt, tokens):
     return state
 
 
-@pytest.mark.parametrize("attention", ["softmax", "aug", "hedgehog+conv"])
-@pytest.mark.parametrize("draft_kind", ["random", "target"])
+def _greedy_cases():
+    """Every target with a random and a perfect draft; lolcats' perfect-draft case (its own
+    commits as a draft) runs with the slow tests, to keep the default run short."""
+    for attention in ("softmax", "aug", "hedgehog+conv", "lolcats+conv"):
+        for draft_kind in ("random", "target"):
+            slow = attention == "lolcats+conv" and draft_kind == "target"
+            yield pytest.param(attention, draft_kind, id=f"{draft_kind}-{attention}",
+                               marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("attention, draft_kind", list(_greedy_cases()))
 def test_greedy_speculative_equals_greedy_plain(attention, draft_kind):
     target = _model(attention, 1)
     draft = target if draft_kind == "target" else _model("elu", 2, n_layers=1)  # often wrong
@@ -68,7 +77,7 @@ def test_greedy_speculative_equals_greedy_plain(attention, draft_kind):
         assert_states_close(one_row, _step_state(draft, prompt, consumed), rtol=1e-4)
 
 
-@pytest.mark.parametrize("attention", ["softmax", "aug"])
+@pytest.mark.parametrize("attention", ["softmax", "aug", "lolcats"])
 def test_batched_generation_equals_each_row_alone(attention):
     model = _model(attention, 3)
     batched = np.asarray(generate(model, PROMPTS, 12, temperature=0.0))
@@ -76,8 +85,9 @@ def test_batched_generation_equals_each_row_alone(attention):
         np.testing.assert_array_equal(np.asarray(generate(model, [prompt], 12))[0], batched[row])
 
 
-def test_padding_is_never_attended():
-    model = _model("aug", 3)
+@pytest.mark.parametrize("attention", ["aug", "lolcats"])
+def test_padding_is_never_attended(attention):
+    model = _model(attention, 3)
     prompt = [[3, 5, 8]]
     ids, lengths = jnp.asarray([[3, 5, 8, 0, 0, 0, 0]]), jnp.asarray([3])
     other = ids.at[:, 3:].set(jnp.asarray([9, 9, 9, 9]))
