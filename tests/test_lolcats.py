@@ -8,6 +8,7 @@ The forms' agreement with each other is in test_linear_attention.py; this checks
 compute LoLCATs' attention.
 """
 
+import functools
 import math
 
 import jax
@@ -85,9 +86,15 @@ def _case(t, seed=0):
     return lm, params, q, k, v
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _forward(lm, params, q, k, v):
     positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
     return layer.forward(lm, params, q, k, v, positions)
+
+
+_extend = jax.jit(layer.extend, static_argnums=0)
+_verify = jax.jit(layer.verify, static_argnums=0)
+_commit = jax.jit(layer.commit, static_argnums=0)
 
 
 @pytest.mark.parametrize("t, align_end", [(29, False), (32, True)], ids=["not_multiple", "multiple-their_mask"])
@@ -103,7 +110,7 @@ def test_chunked_equals_lolcats_formula_with_gradients(t, align_end):
         return jnp.sum(_forward(lm, params, q, k, v) * cotangent.astype(np.float32))
 
     out = _forward(lm, params, q, k, v)
-    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(params, q, k, v)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(params, q, k, v)
     flat = dict(grads[0], q=grads[1], k=grads[2], v=grads[3])
     scale = lambda x: np.abs(x).max()
     assert scale(np.asarray(out) - expected.detach().numpy()) <= 1e-5 * scale(expected.detach().numpy())
@@ -152,7 +159,7 @@ def test_verify_and_commit_equal_steps_with_a_linear_part():
     params["conv"] = 0.3 * np.random.default_rng(2).standard_normal((H, 7)).astype(np.float32)
     positions = jnp.broadcast_to(jnp.arange(19), (2, 19))
     prefix = 13
-    state0 = layer.extend(lm, params, q[:, :prefix], k[:, :prefix], v[:, :prefix], positions[:, :prefix],
+    state0 = _extend(lm, params, q[:, :prefix], k[:, :prefix], v[:, :prefix], positions[:, :prefix],
                           layer.init_state(lm, 2, H, D, 7), jnp.zeros(2, jnp.int32))[1]
     pos0 = jnp.full((2,), prefix, jnp.int32)
 
@@ -160,7 +167,7 @@ def test_verify_and_commit_equal_steps_with_a_linear_part():
         state, outs, states = state0, [], []
         for depth, node in enumerate(nodes):
             i = prefix + node
-            out, state = layer.extend(lm, params, q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1],
+            out, state = _extend(lm, params, q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1],
                                       positions[:, i:i + 1], state, pos0 + depth)
             outs.append(out[:, 0])
             states.append(DecodeState(layers=(state,), pos=pos0 + depth + 1))
@@ -168,13 +175,13 @@ def test_verify_and_commit_equal_steps_with_a_linear_part():
 
     cand = slice(prefix, prefix + 6)
     chain_anc, chain_depth = jnp.tril(jnp.ones((6, 6), bool)), jnp.arange(6)
-    out, pending = layer.verify(lm, params, q[:, cand], k[:, cand], v[:, cand], positions[:, cand], state0, pos0,
+    out, pending = _verify(lm, params, q[:, cand], k[:, cand], v[:, cand], positions[:, cand], state0, pos0,
                                 chain_anc, chain_depth)
     stepped, states = walk(range(6))
     np.testing.assert_allclose(np.asarray(out), np.asarray(stepped), rtol=1e-5, atol=1e-6)
     path = jnp.broadcast_to(jnp.arange(6), (2, 6))
     for n in (1, 3, 4, 6):  # before, at and past the boundary
-        committed = layer.commit(lm, state0, pending, pos0, path, jnp.full((2,), n, jnp.int32))
+        committed = _commit(lm, state0, pending, pos0, path, jnp.full((2,), n, jnp.int32))
         assert_states_close(DecodeState(layers=(committed,), pos=pos0 + n), states[n - 1])
     parent = [-1, 0, 1, 2, 2, 4]  # 0 -> 1 -> 2 -> 3 and 2 -> 4 -> 5: siblings 3 and 4 sit at position 16
     paths = []
@@ -187,10 +194,10 @@ def test_verify_and_commit_equal_steps_with_a_linear_part():
     for node, chain in enumerate(paths):
         anc[node, chain] = True
     depth = jnp.asarray([len(chain) - 1 for chain in paths])
-    out, pending = layer.verify(lm, params, q[:, cand], k[:, cand], v[:, cand], positions[:, cand], state0, pos0,
+    out, pending = _verify(lm, params, q[:, cand], k[:, cand], v[:, cand], positions[:, cand], state0, pos0,
                                 jnp.asarray(anc), depth)
     for node, chain in enumerate(paths):
         np.testing.assert_allclose(np.asarray(out[:, node]), np.asarray(walk(chain)[0][:, -1]), rtol=1e-5, atol=1e-6)
     branch = jnp.broadcast_to(jnp.asarray(paths[5] + [0]), (2, 6))  # 0 -> 1 -> 2 -> 4 -> 5
-    committed = layer.commit(lm, state0, pending, pos0, branch, jnp.full((2,), 5, jnp.int32))
+    committed = _commit(lm, state0, pending, pos0, branch, jnp.full((2,), 5, jnp.int32))
     assert_states_close(DecodeState(layers=(committed,), pos=pos0 + 5), walk(paths[5])[1][-1])

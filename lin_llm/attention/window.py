@@ -245,7 +245,7 @@ def verify(spec: LinearSpec, q, k, qf, kf, v, state: WindowState, pos, ancestors
     g = spec.group_size
     group_i = (pos[:, None] + depths[None, :]) // g  # [B, m]
     used, buf_group = _buffer_slots(spec, pos)
-    buf_near = (group_i[:, :, None] - buf_group[:, None, :] <= 1)  # [B, m, 2G]
+    buf_near = group_i[:, :, None] - buf_group[:, None, :] <= 1  # [B, m, 2G]
     cand_near = group_i[:, :, None] - group_i[:, None, :] <= 1  # [B, m, m]
     buf_window, buf_linear = ((used[:, None] & near)[:, None] for near in (buf_near, ~buf_near))
     cand_window, cand_linear = ((ancestors[None] & near)[:, None] for near in (cand_near, ~cand_near))
