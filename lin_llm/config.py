@@ -69,8 +69,8 @@ class AttentionConfig:
     conv_per_channel: bool = False  # the original shares one filter per head
     local_kernel: str = spec("relu2", choices=("relu2", "yoso"))
     eps: float = spec(1e-6, check="positive")  # L2-normalisation epsilon of q and k
-    feature_dim: int = spec(64, check="positive")  # random features of Performer FAVOR+
-    seed: int = 0  # seed of fixed random features (Performer) and of FLASH's random initial params
+    feature_dim: int = spec(64, check="positive")  # random features of Performer; width f of lolcats' maps (F = 2f)
+    seed: int = 0  # seed of fixed random features (Performer) and of FLASH's and lolcats' random initial params
     # lambda, the weight of the local term: a parameter (init 1, the original's LOCAL_FACTOR=1) or, by
     # default, the constant 1 of the published runs (tasks_run-llama2.sh sets no LOCAL_FACTOR)
     learn_lambda: bool = False

@@ -294,7 +294,7 @@ def _extra_params(cfg: ModelConfig, preset: presets.Preset, layer_index: int) ->
     la = cfg.la
     return presets.init_params(
         preset, cfg.n_heads, cfg.resolved_head_dim, la.conv_kernel_size, la.conv_per_channel,
-        learn_lambda=la.learn_lambda, seed=la.seed, layer=layer_index,
+        learn_lambda=la.learn_lambda, feature_dim=la.feature_dim, seed=la.seed, layer=layer_index,
     )
 
 

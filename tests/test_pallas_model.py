@@ -41,10 +41,12 @@ def test_pallas_interpret_model_equals_xla_model(name):
         assert float(jnp.abs(gx - gp).max()) <= 1e-4 * scale
 
 
-def test_yoso_falls_back_to_xla_and_auto_is_xla_on_cpu():
-    assert _model("yoso", "pallas_interpret").layers[0].attn.math.impl.name == "pallas_interpret"
-    (loss_x, _), (loss_p, _) = (_value_and_grad(_model("yoso", impl), IDS) for impl in ("xla", "pallas_interpret"))
-    assert float(loss_x) == float(loss_p)  # the same XLA chunked form: no kernel for YOSO's kernel
+@pytest.mark.parametrize("name", ["yoso", "lolcats"])
+def test_kernelless_presets_fall_back_to_xla_and_auto_is_xla_on_cpu(name):
+    assert _model(name, "pallas_interpret").layers[0].attn.math.impl.name == "pallas_interpret"
+    (loss_x, _), (loss_p, _) = (_value_and_grad(_model(name, impl), IDS) for impl in ("xla", "pallas_interpret"))
+    # the same XLA chunked form: no kernel for YOSO's local kernel or lolcats' softmax window
+    assert float(loss_x) == float(loss_p)
     assert _model("aug", "auto").layers[0].attn.math.impl.name == "xla"
     hybrid = _model("hybrid-aug", "pallas_interpret")  # the kernels run the linear layers; softmax stays softmax
     assert [block.attn.math and block.attn.math.impl.name for block in hybrid.layers] == [

@@ -41,12 +41,13 @@ def _step_state(model, prompt, tokens):
 
 
 def _greedy_cases():
-    """Every target with an often-wrong and an always-right draft; castling and flash with the slow
-    tests (their verify and commit forms are checked against steps in test_linear_attention, and
-    the speculative loop does not depend on the preset)."""
-    for attention in ("softmax", "aug", "hedgehog+conv", "hybrid-aug", "castling", "flash", "hybrid-hedgehog+conv"):
+    """Every target with an often-wrong and an always-right draft; castling, flash, the second hybrid
+    and lolcats' perfect-draft case with the slow tests (their verify and commit forms are checked
+    against steps in test_linear_attention, and the speculative loop does not depend on the preset)."""
+    slow_ones = ("castling", "flash", "hybrid-hedgehog+conv")
+    for attention in ("softmax", "aug", "hedgehog+conv", "hybrid-aug", "lolcats+conv", *slow_ones):
         for draft_kind in ("random", "target"):
-            slow = attention in ("castling", "flash", "hybrid-hedgehog+conv")
+            slow = attention in slow_ones or (attention == "lolcats+conv" and draft_kind == "target")
             yield pytest.param(attention, draft_kind, id=f"{draft_kind}-{attention}",
                                marks=[pytest.mark.slow] if slow else [])
 
@@ -73,7 +74,7 @@ def test_greedy_speculative_equals_greedy_plain(attention, draft_kind):
         assert_states_close(one_row, _step_state(draft, prompt, consumed), rtol=1e-4)
 
 
-@pytest.mark.parametrize("attention", ["softmax", "aug"])
+@pytest.mark.parametrize("attention", ["softmax", "aug", "lolcats"])
 def test_batched_generation_equals_each_row_alone(attention):
     model = _model(attention, 3)
     batched = np.asarray(generate(model, PROMPTS, 12, temperature=0.0))
@@ -81,8 +82,9 @@ def test_batched_generation_equals_each_row_alone(attention):
         np.testing.assert_array_equal(np.asarray(generate(model, [prompt], 12))[0], batched[row])
 
 
-def test_padding_is_never_attended():
-    model = _model("aug", 3)
+@pytest.mark.parametrize("attention", ["aug", "lolcats"])
+def test_padding_is_never_attended(attention):
+    model = _model(attention, 3)
     prompt = [[3, 5, 8]]
     ids, lengths = jnp.asarray([[3, 5, 8, 0, 0, 0, 0]]), jnp.asarray([3])
     other = ids.at[:, 3:].set(jnp.asarray([9, 9, 9, 9]))

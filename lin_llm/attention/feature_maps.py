@@ -52,6 +52,22 @@ def hedgehog(x: jax.Array, weight: jax.Array) -> jax.Array:
     return jnp.concatenate([jax.nn.softmax(xw, axis=-1), jax.nn.softmax(-xw, axis=-1)], axis=-1)
 
 
+def lolcats_hedgehog(x: jax.Array, weight: jax.Array, floor: float = 1e-12) -> jax.Array:
+    """LoLCATs' Hedgehog map (feature_map.py, SoftmaxDim + FeatureMapMLP without bias):
+    [softmax(x W), softmax(-x W)] clamped below at 1e-12 as theirs, W [H, d, f] (F = 2 f)."""
+    return jnp.maximum(hedgehog(x, weight), floor)
+
+
+def lolcats_map_init(seed: int, layer: int, n_heads: int, head_dim: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """LoLCATs' init of the q and k maps (zero_init false): torch's kaiming_uniform_ of a
+    [H, d, f] tensor, U(-b, b) with b = sqrt(6 / (d f)) (its fan-in counts d f). Drawn from
+    (seed, layer) so that every layer differs and a model is reproducible."""
+    bound = math.sqrt(6.0 / (head_dim * width))
+    rng = np.random.default_rng([seed, layer, 0x10CA7])
+    q, k = (rng.uniform(-bound, bound, (n_heads, head_dim, width)).astype(np.float32) for _ in range(2))
+    return q, k
+
+
 def favor_projection(seed: int, layer: int, n_features: int, head_dim: int) -> np.ndarray:
     """Performer's orthogonal Gaussian random features [n_features, head_dim], fixed per layer.
 

@@ -8,6 +8,7 @@ parts per head: [B, T, 2H, d]). The forms:
   extend(...)                                  prefill from a state
   step(...)                                    one token from a state, O(1)
   verify(...) + commit(...)                    m candidates (chain or tree) in one pass
+lolcats (preset.window) takes window.py's forms, which also read the raw q and k.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import dataclasses
 import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lin_llm.attention import conv, feature_maps, linear
+from lin_llm.attention import conv, feature_maps, linear, window
 from lin_llm.attention.presets import REL_POS_BUCKETS, REL_POS_MAX_DISTANCE, Preset, feature_dim
 from lin_llm.attention.state import LinearLayerState
 from pallas_kernels import Impl
@@ -82,6 +84,8 @@ def features(lm: LayerMath, params: dict, x, positions, is_query: bool):
         return feature_maps.cosformer(x, positions, lm.max_len)
     if kind == "hedgehog":
         return feature_maps.hedgehog(x, params["hedgehog_q" if is_query else "hedgehog_k"])
+    if kind == "lolcats":
+        return feature_maps.lolcats_hedgehog(x, params["hedgehog_q" if is_query else "hedgehog_k"])
     if kind == "performer":
         return feature_maps.favor_plus(x, _projection(lm.seed, lm.layer, lm.performer_features, lm.head_dim), is_query)
     raise ValueError(f"unknown feature map {kind!r}")  # presets are validated at config load
@@ -116,6 +120,11 @@ def _finish(lm: LayerMath, out, v):
     if not lm.preset.castling:
         return out
     return feature_maps.l2_normalize(0.5 * v.astype(jnp.float32) + out / math.pi, lm.eps)
+
+
+def _window_weight(params):
+    """LoLCATs' sigmoid(window factor) [H] on the softmax window."""
+    return jax.nn.sigmoid(params["window_factor"])
 
 
 def _featurise(lm, params, q, k, positions):
@@ -154,7 +163,10 @@ def forward(lm: LayerMath, params: dict, q, k, v, positions, form: str = "chunke
     qf, kf = qf.astype(q.dtype), kf.astype(k.dtype)
     lam, alpha = _mix(params)
     bias = _lag_bias(lm, params)
-    if form == "reference":
+    if lm.preset.window:  # XLA only: the Pallas kernels have no softmax window
+        forms = {"reference": window.reference, "chunked": window.chunked}
+        out = forms[form](lm.spec, q, k, qf, kf, v, _window_weight(params))
+    elif form == "reference":
         out = linear.reference(lm.spec, qf, kf, v, lam, alpha, bias)
     elif lm.impl.name != "xla" and _pallas_applies(lm.spec):
         out = _kernel(lm, qf, kf, v.astype(q.dtype), lam, alpha, bias)
@@ -168,8 +180,12 @@ def forward(lm: LayerMath, params: dict, q, k, v, positions, form: str = "chunke
 
 def init_state(lm: LayerMath, batch: int, heads: int, dv: int, conv_kernel_size: int) -> LinearLayerState:
     k1 = conv.history_len(conv_kernel_size) if lm.preset.conv else 0
+    if lm.preset.window:
+        attn = window.init_state(lm.spec, batch, heads, lm.head_dim, lm.feature_dim, dv)
+    else:
+        attn = linear.init_state(lm.spec, batch, heads, lm.feature_dim, dv)
     return LinearLayerState(
-        attn=linear.init_state(lm.spec, batch, heads, lm.feature_dim, dv),
+        attn=attn,
         conv=jnp.zeros((batch, k1, heads, dv), jnp.float32),
     )
 
@@ -182,15 +198,21 @@ def extend(lm: LayerMath, params: dict, q, k, v, positions, state: LinearLayerSt
     bias = _lag_bias(lm, params)
     history = state.conv
     if q.shape[1] == 1 and lengths is None:
-        out, attn = linear.step(lm.spec, qf[:, 0], kf[:, 0], v[:, 0], state.attn, pos, lam, alpha, bias)
+        if lm.preset.window:
+            out, attn = window.step(lm.spec, q[:, 0], k[:, 0], qf[:, 0], kf[:, 0], v[:, 0], state.attn, pos,
+                                    _window_weight(params))
+        else:
+            out, attn = linear.step(lm.spec, qf[:, 0], kf[:, 0], v[:, 0], state.attn, pos, lam, alpha, bias)
         out = _finish(lm, out, v[:, 0])
         if lm.preset.conv:
             conv_out, history = conv.step(v[:, 0], params["conv"], history)
             out = out + conv_out
         return out[:, None], LinearLayerState(attn=attn, conv=history)
-    out, attn = linear.extend(
-        lm.spec, qf.astype(q.dtype), kf.astype(k.dtype), v, state.attn, pos, lam, alpha, n_valid=lengths, bias=bias
-    )
+    qf, kf = qf.astype(q.dtype), kf.astype(k.dtype)
+    if lm.preset.window:
+        out, attn = window.extend(lm.spec, q, k, qf, kf, v, state.attn, pos, _window_weight(params), n_valid=lengths)
+    else:
+        out, attn = linear.extend(lm.spec, qf, kf, v, state.attn, pos, lam, alpha, n_valid=lengths, bias=bias)
     out = _finish(lm, out, v)
     if lm.preset.conv:
         out = out + conv.conv(v, params["conv"], history)
@@ -199,19 +221,25 @@ def extend(lm: LayerMath, params: dict, q, k, v, positions, state: LinearLayerSt
 
 
 def verify(lm: LayerMath, params: dict, q, k, v, positions, state: LinearLayerState, pos, ancestors, depths):
-    """Outputs for m candidates, and what commit needs: their features and values."""
+    """Outputs for m candidates, and what commit needs: their features and values (and raw keys
+    for lolcats' window)."""
     qf, kf = _featurise(lm, params, q, k, positions)
     lam, alpha = _mix(params)
-    out = linear.verify(lm.spec, qf, kf, v, state.attn, pos, ancestors, depths, lam, alpha, _lag_bias(lm, params))
+    if lm.preset.window:
+        out = window.verify(lm.spec, q, k, qf, kf, v, state.attn, pos, ancestors, depths, _window_weight(params))
+        pending = (k.astype(jnp.float32), kf)
+    else:
+        out = linear.verify(lm.spec, qf, kf, v, state.attn, pos, ancestors, depths, lam, alpha, _lag_bias(lm, params))
+        pending = (kf,)
     out = _finish(lm, out, v)
     if lm.preset.conv:
         out = out + conv.unfolded(v, params["conv"], state.conv, ancestors, depths)
-    return out, (kf, v.astype(jnp.float32))
+    return out, pending + (v.astype(jnp.float32),)
 
 
 def commit(lm: LayerMath, state: LinearLayerState, pending, pos, path, n_accepted):
     """The state after the accepted candidates path[:, :n] (candidate indices, root first)."""
-    kf, v = (jnp.take_along_axis(x, path[:, :, None, None], axis=1) for x in pending)
-    attn = linear.commit(lm.spec, state.attn, kf, v, pos, n_accepted)
-    history = conv.new_history(state.conv, v, n_accepted) if lm.preset.conv else state.conv
+    accepted = tuple(jnp.take_along_axis(x, path[:, :, None, None], axis=1) for x in pending)  # (..., v)
+    attn = (window.commit if lm.preset.window else linear.commit)(lm.spec, state.attn, *accepted, pos, n_accepted)
+    history = conv.new_history(state.conv, accepted[-1], n_accepted) if lm.preset.conv else state.conv
     return LinearLayerState(attn=attn, conv=history)

@@ -18,6 +18,16 @@ Two the original code defines its own way, computed as it does:
            sqrt(d)); global = lq_t . sum over earlier groups of lk^T v, divided by G; out = local
            + global. Its gating unit, shared SiLU q/k projection and partial rotary do not fit a
            LLaMA block, so q, k, v are the LLaMA's (see README).
+LoLCATs (HazyResearch/lolcats, linear_window_attention_tk.py; the math in window.py):
+  lolcats: softmax exp(q.k/sqrt(d) - m) over the current and the previous group (m: the max over
+         that window), plus linear attention with LoLCATs' Hedgehog maps (per-head W [H, d, f],
+         f = model.la.feature_dim, [softmax(xW), softmax(-xW)] clamped at 1e-12, after RoPE,
+         W Kaiming-uniform from (model.la.seed, layer)) over all earlier groups; one normaliser;
+         the window part weighted by sigmoid(window_factor) per head (init sigmoid = 0.1), the
+         linear part by 1 (their affine_attention_factors=false). Differences from LoLCATs: groups
+         align to position 0 (theirs align to the sequence's end, so a token's window depended
+         on how many tokens follow it), and decoding keeps the same blocked window (theirs
+         decodes with a sliding window of 64, unlike its training form).
 Every other preset without a conv also exists as NAME+conv (e.g. hedgehog+conv, flash+conv).
 Linformer is excluded: it mixes the length axis and has no causal form (see feature_maps.py).
 """
@@ -28,18 +38,21 @@ import dataclasses
 
 import numpy as np
 
+from lin_llm.attention.feature_maps import lolcats_map_init
+
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
     name: str
-    feature: str  # l2 | elu | relu | performer | cosformer | hedgehog | flash
-    local: str | None  # "paper" (model.la.local_kernel), dot, relu2, yoso, laplace, or None
+    feature: str  # l2 | elu | relu | performer | cosformer | hedgehog | flash | lolcats
+    local: str | None  # "paper" (model.la.local_kernel), dot, relu2, yoso, laplace, softmax (window only), or None
     use_global: bool
     normalize: bool
     learned_mix: bool  # alpha (and lambda, with model.la.learn_lambda) are parameters rather than 1
     alpha_init: float = 0.0
     conv: bool = False
     castling: bool = False  # the output becomes (0.5 v + out / pi) / ||.|| before the conv
+    window: bool = False  # LoLCATs: softmax window + linear attention, its own forms (window.py)
 
 
 _BASE = {
@@ -59,6 +72,7 @@ _BASE = {
         Preset("castling", "l2", "paper", True, False, True, conv=True, castling=True),
         Preset("flash", "flash", "laplace", True, False, False),
         Preset("yoso", "l2", "yoso", True, False, True),
+        Preset("lolcats", "lolcats", "softmax", True, True, False, window=True),
     )
 }
 PRESETS = dict(_BASE)
@@ -87,19 +101,23 @@ def feature_dim(preset: Preset, head_dim: int, performer_features: int) -> int:
         "cosformer": 2 * head_dim,
         "hedgehog": 2 * head_dim,
         "flash": 2 * head_dim,  # [quadratic part | linear part]
+        "lolcats": 2 * performer_features,
     }.get(preset.feature, head_dim)
 
 
 # FLASH's relative-position bias table: T5RelativePositionBias' defaults
 REL_POS_BUCKETS, REL_POS_MAX_DISTANCE = 32, 128
+# LoLCATs' init_window_factor: sigmoid(-2.197...) = 0.1 on the window part
+LOLCATS_WINDOW_FACTOR = float(np.log(0.1 / 0.9))
 
 
 def init_params(preset: Preset, n_heads: int, head_dim: int, conv_kernel_size: int, conv_per_channel: bool, *,
-                learn_lambda: bool = False, seed: int = 0, layer: int = 0):
+                learn_lambda: bool = False, feature_dim: int = 64, seed: int = 0, layer: int = 0):
     """The layer's extra parameters, by name, at their initial values (the original's init).
 
-    One source for both a fresh model and a softmax checkpoint being linearised. FLASH's random
-    inits are drawn from (seed, layer), so they are deterministic too.
+    One source for both a fresh model and a softmax checkpoint being linearised. FLASH's and
+    lolcats' random inits are drawn from (seed, layer), so they are deterministic too;
+    feature_dim is the width of lolcats' Hedgehog maps.
     """
     params = {}
     if preset.learned_mix and preset.local is not None and preset.use_global and learn_lambda:
@@ -121,4 +139,7 @@ def init_params(preset: Preset, n_heads: int, head_dim: int, conv_kernel_size: i
         params["flash_beta"] = np.zeros((4, n_heads, head_dim), np.float32)
         # nn.Embedding(num_buckets, 1) per head: N(0, 1)
         params["flash_rel_bias"] = rng.standard_normal((n_heads, REL_POS_BUCKETS)).astype(np.float32)
+    if preset.feature == "lolcats":
+        params["hedgehog_q"], params["hedgehog_k"] = lolcats_map_init(seed, layer, n_heads, head_dim, feature_dim)
+        params["window_factor"] = np.full((n_heads,), LOLCATS_WINDOW_FACTOR, np.float32)
     return params

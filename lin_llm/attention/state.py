@@ -45,9 +45,29 @@ class LinearState:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class WindowState:
+    """LoLCATs' state of one layer (window.py), all float32.
+
+    s   [B, H, F, Dv]  sum of phi(k)^T v over the groups before the previous one (linear part)
+    z   [B, H, F]      sum of phi(k) over them
+    k   [B, 2G, H, d]  raw keys for the softmax window: slots 0..G-1 the previous group (unused
+                       while pos < G), slots G..2G-1 the current group (first pos % G in use)
+    kf  [B, 2G, H, F]  their phi(k), folded into s, z when the previous group leaves the window
+    v   [B, 2G, H, Dv]
+    """
+
+    s: jax.Array
+    z: jax.Array
+    k: jax.Array
+    kf: jax.Array
+    v: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class LinearLayerState:
     """A linear-attention layer's state: the attention sums and the conv's last K_eff-1 values of v
     ([B, K_eff-1, H, Dv], oldest first; K_eff-1 = 0 without a conv)."""
 
-    attn: LinearState
+    attn: LinearState  # WindowState for lolcats
     conv: jax.Array
