@@ -23,8 +23,8 @@ GROUP = 4
 
 
 @functools.cache
-def _model(attention, kv_heads, n_layers=1):
-    cfg = lin_llm.load_config(None, [
+def _model(attention, kv_heads, n_layers=1, dtype="float32"):
+    cfg = lin_llm.load_config(None, [f"model.param_dtype={dtype}", f"model.compute_dtype={dtype}",
         f"model.n_layers={n_layers}", "model.dim=32", "model.n_heads=4", f"model.n_kv_heads={kv_heads}",
         "model.ffn_dim=64", "model.vocab_size=50", "model.max_seq_len=64", "train.seq_len=64", "model.init_std=0.3",
         f"model.attention={attention}", f"model.la.group_size={GROUP}", "model.la.conv_kernel_size=7",
@@ -50,7 +50,9 @@ def _rel(a, b):
 
 # Linear attention repeats k and v to the query heads, so past the projections its shapes do not
 # depend on the KV heads: MHA and MQA here (GQA is in test_linear_attention), softmax on all three.
-FORM_CASES = [("softmax", "mha"), ("softmax", "gqa"), ("softmax", "mqa"), ("aug", "mha"), ("aug", "mqa"), ("elu", "mqa")]
+FORM_CASES = [
+    ("softmax", "mha"), ("softmax", "gqa"), ("softmax", "mqa"), ("aug", "mha"), ("aug", "mqa"), ("elu", "mqa"),
+]
 
 
 @pytest.mark.parametrize("attention,shape", FORM_CASES)
@@ -104,12 +106,14 @@ def _arrays_like(body: str, n_elements: int):
     return found
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_decode_loop_updates_the_cache_in_place(shape):
+@pytest.mark.parametrize("shape,dtype", [("mha", "float32"), ("gqa", "float32"), ("mqa", "float32"),
+                                         ("gqa", "bfloat16")])
+def test_decode_loop_updates_the_cache_in_place(shape, dtype):
     """Inside the compiled generate loop nothing copies or transposes a KV cache: each step writes
     its token into the loop-carried cache and reads it where it lies (any array the size of a
-    cache, in any layout, is the cache itself or its in-place update)."""
-    model = _model("softmax", SHAPES[shape])
+    cache, in any layout, is the cache itself or its in-place update). With bf16 compute the
+    cache is fp32 on CPU, where XLA would convert and copy a bf16 one in full every step."""
+    model = _model("softmax", SHAPES[shape], dtype=dtype)
     ids, lengths = jnp.zeros((1, 5), jnp.int32), jnp.array([5], jnp.int32)
     max_len = 29  # no other array of the test model has the cache's size
     hlo = _generate.lower(

@@ -78,7 +78,7 @@ def _attend(q, blocks):
     weights = jax.nn.softmax(logits, axis=-1)
     out, start = 0.0, 0
     for k, v, _ in blocks:
-        out = out + _mix(weights[..., start : start + k.shape[2]], v.astype(q.dtype))
+        out = out + _mix(weights[..., start : start + k.shape[2]], v)
         start += k.shape[2]
     return out.reshape(q.shape).astype(q.dtype)
 
