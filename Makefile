@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow bench clean
+.PHONY: run test test-slow gpu-check clean
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,11 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(addprefix --ignore=,$(TRAINING_TESTS)); rc=$$?; if [ $$rc -ne 0 ] && [ $$rc -ne 5 ]; then exit $$rc; fi
 	$(PY) -m pytest -q -m slow $(TRAINING_TESTS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests selected"; exit 0; fi; exit $$rc
 
+# On a machine with an NVIDIA GPU (it cannot run on a CPU-only one): its own .venv-gpu with the
+# CUDA build of jax and jax-triton, the Pallas kernel tests compiled for the GPU, the kernels vs
+# XLA forward+backward at LLaMA-2-7B layer shapes, and the decoding benchmarks; one JSON object.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-gpu runs
