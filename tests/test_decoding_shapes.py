@@ -16,7 +16,7 @@ from flax import nnx
 
 import lin_llm
 from lin_llm.attention import softmax
-from lin_llm.generation import _generate
+from lin_llm.generation import _generate, _speculative
 
 SHAPES = {"mha": 4, "gqa": 2, "mqa": 1}  # KV heads for 4 query heads
 GROUP = 4
@@ -124,3 +124,17 @@ def test_decode_loop_updates_the_cache_in_place(shape, dtype):
     made = [(name, op) for name, op in arrays if op not in ("get-tuple-element", "bitcast")]
     assert len(made) == 2, arrays  # the K and the V cache's update
     assert all(op == "fusion" and "dynamic-update-slice" in name for name, op in made), made
+
+
+@pytest.mark.parametrize("attention", ["softmax", "aug"])
+def test_decoding_lowers_for_gpu(attention):
+    """The whole generate loop (sampling, EOS, a ragged batch) and the speculative loop lower for
+    CUDA from this CPU machine: nothing in them is CPU-only (`make gpu-check` runs them there)."""
+    model = _model(attention, 2)
+    ids, lengths = jnp.zeros((2, 5), jnp.int32), jnp.array([5, 3], jnp.int32)
+    sampling = dict(temperature=0.7, top_k=5, top_p=0.9, eos_id=3, stream=None)
+    plain = _generate.trace(model, ids, lengths, jax.random.key(0), max_new_tokens=8, max_len=13, **sampling)
+    spec = _speculative.trace(model, model, ids, lengths, jax.random.key(0), max_new_tokens=8, max_len=17, gamma=3,
+                              **sampling)
+    for traced in (plain, spec):
+        assert "stablehlo.while" in traced.lower(lowering_platforms=("cuda",)).as_text()
