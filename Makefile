@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow lint bench clean
+.PHONY: run test test-slow lint gpu-check clean
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,5 +34,11 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# On a machine with an NVIDIA GPU (it cannot run on a CPU-only one): its own .venv-gpu with the
+# CUDA build of jax and jax-triton, the Pallas kernel tests compiled for the GPU, the kernels vs
+# XLA forward+backward at LLaMA-2-7B layer shapes, and the decoding benchmarks; one JSON object.
+gpu-check:
+	$(PYTHON) bench/gpu_check.py
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-gpu runs

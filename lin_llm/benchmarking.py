@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lin_llm.decoding import generate, medusa_generate, speculative_generate
 
@@ -47,6 +48,28 @@ def interleaved(fns, rounds: int = 3):
             results[i] = jax.block_until_ready(fn())
             times[i].append(time.perf_counter() - start)
     return [float(np.median(t)) for t in times], results
+
+
+def memory_bandwidth(megabytes: int = 512, rounds: int = 5) -> float:
+    """GB/s of a jitted sum over an fp32 array of `megabytes` MB: the rate at which this machine
+    streams memory, the ceiling of a decode step that reads each weight once."""
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    return x.nbytes / timed(lambda: total(x), rounds)[0] / 1e9
+
+
+def _nbytes(tree) -> int:
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def bytes_read_per_step(model, context: int) -> int:
+    """Bytes one decode step has to read with `context` slots of state: every parameter once (a
+    tied embedding once, as the output head; an untied input embedding only one row, counted as
+    none) and the whole decoding state (a KV cache is read to its allocated length, masked)."""
+    total = _nbytes(nnx.state(model, nnx.Param))
+    if not model.cfg.tie_embeddings:
+        total -= _nbytes(model.embed.embedding)
+    return total + _nbytes(jax.eval_shape(lambda: model.init_state(1, context)))
 
 
 def matmul_gflops(repeats: int = 3, n: int = 2048) -> float:

@@ -25,13 +25,45 @@ def _dtypes(cfg: ModelConfig) -> dict:
     return {"dtype": jnp.dtype(cfg.compute_dtype), "param_dtype": jnp.dtype(cfg.param_dtype)}
 
 
-def _linear(cfg: ModelConfig, rngs: nnx.Rngs, d_in: int, d_out: int, **kwargs) -> nnx.Linear:
+def matmul(x: jax.Array, w: jax.Array, w_contract: int = 0, preferred_element_type=None) -> jax.Array:
+    """x [..., K] times the matrix w contracted over its axis w_contract (0: w is [K, N], the
+    kernels' layout; 1: w is [N, K], an embedding table) -> [..., N].
+
+    XLA CPU multiplies a single row by a matrix with a kernel that takes only fp32: it converts
+    a bf16 (or any other) matrix to fp32 in full on every call, which made bf16 weights decode
+    several times slower per token than fp32. From two rows on it uses its batched kernels, which
+    read bf16 as it is, so on CPU a lone row is paired with a zero row there.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    lone = rows.shape[0] == 1 and w.dtype != jnp.float32 and jax.default_backend() == "cpu"
+    if lone:
+        rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
+    y = jax.lax.dot_general(rows, w, (((1,), (w_contract,)), ((), ())), preferred_element_type=preferred_element_type)
+    return (y[:1] if lone else y).reshape(x.shape[:-1] + y.shape[-1:])
+
+
+class Linear(nnx.Linear):
+    """A bias-free nnx.Linear (same parameters and init) whose products go through `matmul`."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        inputs, kernel, _ = self.promote_dtype((inputs, self.kernel[...], None), dtype=self.dtype)
+        return matmul(inputs, kernel, 0, self.preferred_element_type)
+
+
+def _linear(cfg: ModelConfig, rngs: nnx.Rngs, d_in: int, d_out: int, **kwargs) -> Linear:
     init = nnx.initializers.normal(cfg.init_std)
-    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, rngs=rngs, **_dtypes(cfg), **kwargs)
+    return Linear(d_in, d_out, use_bias=False, kernel_init=init, rngs=rngs, **_dtypes(cfg), **kwargs)
 
 
 def _rms_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
     return nnx.RMSNorm(cfg.dim, epsilon=cfg.norm_eps, rngs=rngs, **_dtypes(cfg))
+
+
+def _cache_dtype(cfg: ModelConfig):
+    """The KV cache's dtype: the compute dtype, except on CPU. XLA CPU computes bf16 elementwise
+    ops in fp32, so each step's write into a bf16 cache converted the whole cache to fp32 and back
+    and copied it (O(context) per token); an fp32 cache is updated in place."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.dtype(cfg.compute_dtype)
 
 
 class Attention(nnx.Module):
@@ -111,9 +143,7 @@ class Attention(nnx.Module):
     def init_state(self, batch_size: int, max_len: int):
         cfg = self.cfg
         if self.math is None:
-            return softmax.init_cache(
-                batch_size, max_len, cfg.n_kv_heads, cfg.resolved_head_dim, jnp.dtype(cfg.compute_dtype)
-            )
+            return softmax.init_cache(batch_size, max_len, cfg.n_kv_heads, cfg.resolved_head_dim, _cache_dtype(cfg))
         return layer.init_state(self.math, batch_size, cfg.n_heads, cfg.resolved_head_dim, cfg.la.conv_kernel_size)
 
 
@@ -188,8 +218,7 @@ class LlamaModel(nnx.Module):
         """fp32 logits [..., V] of final (normalised) hidden states: lm_head, or the tied embedding."""
         if self.lm_head is not None:
             return self.lm_head(h).astype(jnp.float32)
-        emb = self.embed.embedding[...].astype(h.dtype)
-        return jnp.einsum("btd,vd->btv", h, emb, preferred_element_type=jnp.float32)
+        return matmul(h, self.embed.embedding[...].astype(h.dtype), 1, jnp.float32)
 
     def medusa_logits(self, hidden: jax.Array) -> jax.Array:
         """Logits [B, T, medusa_heads, V] of the Medusa heads from final hidden states [B, T, dim]

@@ -1,6 +1,9 @@
 """Pallas chunked linear-attention kernels: interpret mode on CPU against the library's reference,
 and lowering for TPU (Mosaic) and GPU (Triton) at LLaMA-2-7B layer shapes.
 
+LIN_LLM_PALLAS_COMPILED=1 (`make gpu-check`) runs every kernel case compiled for this machine's
+GPU instead of in the interpreter, and refuses to start without a GPU rather than skip.
+
 Oracle: lin_llm.attention.linear.reference (the O(T^2) masked formula) plus the initial state's
 term global_scale * q S_0; the final state is S_0 + sum_t k_t^T v_t. Errors are measured relative
 to the largest magnitude of the compared quantity.
@@ -8,6 +11,7 @@ to the largest magnitude of the compared quantity.
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -21,10 +25,20 @@ from lin_llm.attention import linear as lin
 from pallas_kernels import reference
 
 F32 = jnp.float32
-# The one switch of these tests between Pallas' interpreter (CPU) and compiled kernels; the
-# TPU-semantics interpreter test, the argument checks and the flag "pallas_interpret" (here and in
-# tests/test_pallas_model.py) interpret regardless.
-INTERPRET = True
+COMPILED = os.environ.get("LIN_LLM_PALLAS_COMPILED", "") == "1"
+if COMPILED:
+    if jax.default_backend() != "gpu":
+        raise RuntimeError(f"LIN_LLM_PALLAS_COMPILED=1 needs a GPU, and JAX runs on {jax.default_backend()!r}")
+    # Triton takes fp32 dots as TF32 unless told otherwise; the fp32 cases check the kernels' math
+    # against the fp32 oracle, so they run at full precision (bf16 cases are unaffected).
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _run(backend):
+    """How a kernel case runs: the case's kernels in the interpreter, or compiled on the GPU."""
+    return dict(interpret=False, backend="gpu") if COMPILED else dict(interpret=True, backend=backend)
+
+
 # fp32: products are exact-ish and sums run over <= 1000 terms in a different order than the
 # oracle's; sqrt(1000) * 2^-24 ~ 2e-6 typical, and bugs show up as O(1) relative errors.
 FP32_TOL = 2e-5
@@ -73,7 +87,7 @@ def _kernel_fn(chunk_size, local_kernel, backend, backward="pallas", blocks=pall
     def fn(q, k, v, s0, ls, gs):
         return pallas_kernels.chunked_linear_attention(
             q, k, v, chunk_size=chunk_size, local_kernel=local_kernel, initial_state=s0, return_final_state=True,
-            interpret=INTERPRET, local_scale=ls, global_scale=gs, backend=backend, backward=backward, blocks=blocks)
+            local_scale=ls, global_scale=gs, backward=backward, blocks=blocks, **_run(backend))
     return fn
 
 
@@ -236,7 +250,7 @@ def test_split_resume(kind, split):
     split; "dot" with equal scales is plain causal LA, where any split works."""
     q, k, v, s0, _, _ = _inputs(11, 200, 64, 64, F32)
     run = lambda q, k, v, s: pallas_kernels.chunked_linear_attention(
-        q, k, v, chunk_size=64, local_kernel=kind, initial_state=s, return_final_state=True, interpret=INTERPRET)
+        q, k, v, chunk_size=64, local_kernel=kind, initial_state=s, return_final_state=True, **_run("tpu"))
     whole, whole_state = run(q, k, v, s0)
     first, mid_state = run(q[:, :split], k[:, :split], v[:, :split], s0)
     second, end_state = run(q[:, split:], k[:, split:], v[:, split:], mid_state)
@@ -259,7 +273,7 @@ def test_normalized_matches_library():
     def ours(x_q, x_k, v, ls, gs):
         return pallas_kernels.chunked_linear_attention_normalized(
             feature_maps.elu_plus_one(x_q), feature_maps.elu_plus_one(x_k), v, chunk_size=64, local_kernel="dot",
-            eps=1e-6, interpret=INTERPRET, local_scale=ls, global_scale=gs)
+            eps=1e-6, local_scale=ls, global_scale=gs, **_run("tpu"))
 
     args = (x_q, x_k, v, jnp.float32(0.8), jnp.float32(1.2))
     assert _rel(jax.jit(ours)(*args), lib(*args)) < FP32_TOL
@@ -275,7 +289,7 @@ def test_normalized_state_resume():
     q, k, v, _, _, _ = _inputs(13, 130, 32, 16, F32)
     q, k = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1
     run = lambda q, k, v, s: pallas_kernels.chunked_linear_attention_normalized(
-        q, k, v, chunk_size=64, initial_state=s, return_final_state=True, interpret=INTERPRET, backend="gpu")
+        q, k, v, chunk_size=64, initial_state=s, return_final_state=True, **_run("gpu"))
     whole, (s_whole, z_whole) = run(q, k, v, None)
     first, state = run(q[:, :45], k[:, :45], v[:, :45], None)
     second, (s_end, z_end) = run(q[:, 45:], k[:, 45:], v[:, 45:], state)
@@ -304,7 +318,7 @@ def test_select_impl(flag, platform, name, backend):
 
 
 def test_select_impl_errors_and_default_platform():
-    assert pallas_kernels.select_impl("auto").name == "xla"  # this machine is CPU-only
+    assert pallas_kernels.select_impl("auto").name == ("xla" if jax.default_backend() == "cpu" else "pallas")
     with pytest.raises(ValueError, match="attention_impl='flash' is not one of"):
         pallas_kernels.select_impl("flash")
     with pytest.raises(ValueError, match="needs a TPU or GPU"):
@@ -318,7 +332,8 @@ def test_impls_agree():
     q, k, v, s0, _, _ = _inputs(17, 100, 64, 64, F32)
     kw = dict(chunk_size=64, local_kernel="relu2", initial_state=s0, return_final_state=True, local_scale=0.5,
               global_scale=2.0)
-    xla, interp = pallas_kernels.select_impl("xla"), pallas_kernels.select_impl("pallas_interpret")
+    xla = pallas_kernels.select_impl("xla")
+    interp = pallas_kernels.select_impl("pallas" if COMPILED else "pallas_interpret")
     (a, sa), (b_, sb) = xla(q, k, v, **kw), interp(q, k, v, **kw)
     assert a.dtype == b_.dtype == F32
     assert _rel(a, b_) < FP32_TOL and _rel(sa, sb) < FP32_TOL
@@ -347,8 +362,9 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="one floating dtype"):
         pallas_kernels.chunked_linear_attention(q, q, q.astype(jnp.bfloat16), chunk_size=16, local_kernel="dot",
                                                 interpret=True)
-    with pytest.raises(ValueError, match="need a TPU or GPU"):
-        call(interpret=False)
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match="need a TPU or GPU"):
+            call(interpret=False)
 
 
 # --------------------------------------------------------------------------- block sizes

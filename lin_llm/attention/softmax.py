@@ -35,14 +35,28 @@ def _write(cache: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
 # One decoded token (T = 1) contracts with the cache by a multiply-reduce: XLA CPU fuses it and
 # reads the loop-carried cache in place, where a dot transposes the whole cache every step
 # (measured 1.5x slower per token on the tiny model). Longer T (prefill, verify) use dots.
+# The multiply-reduce is fast only while both operands are broadcasts, which holds when each KV
+# head serves >= 2 query heads. With one (MHA), XLA drops the size-1 group axis, the cache is no
+# longer broadcast, and XLA CPU runs an elementwise product plus a reduction instead: ~3x slower
+# per token on a 4-layer MHA model (8x in the issue's run). So a group of one is padded with a
+# zero query row, which keeps the axis, and the extra row is dropped after.
+
+
+def _one_token_group(x):
+    """x [B, H_kv, rep, ...] with the group axis padded to >= 2 (zeros) for the multiply-reduce."""
+    if x.shape[2] > 1:
+        return x
+    return jnp.concatenate([x, jnp.zeros_like(x)], axis=2)
 
 
 def _scores(q, k):
     """Scaled logits [B, H_kv, rep, T, S] (fp32) of q [B, T, H, D] against k [B, H_kv, S, D]."""
     b, t, h, d = q.shape
-    grouped = jnp.moveaxis(q.reshape(b, t, k.shape[1], h // k.shape[1], d), 1, 3)  # [B, H_kv, rep, T, D]
+    rep = h // k.shape[1]
+    grouped = jnp.moveaxis(q.reshape(b, t, k.shape[1], rep, d), 1, 3)  # [B, H_kv, rep, T, D]
     if t == 1:
-        logits = jnp.sum(grouped.astype(F32) * k[:, :, None].astype(F32), axis=-1)[:, :, :, None]
+        padded = _one_token_group(grouped[:, :, :, 0].astype(F32))  # [B, H_kv, >= 2, D]
+        logits = jnp.sum(padded[:, :, :, None] * k[:, :, None].astype(F32), axis=-1)[:, :, :rep, None]
     else:
         logits = jnp.einsum("bkgtd,bksd->bkgts", grouped, k.astype(q.dtype), preferred_element_type=F32)
     return logits / jnp.sqrt(F32(d))
@@ -51,7 +65,9 @@ def _scores(q, k):
 def _mix(weights, v):
     """sum_s weights [B, H_kv, rep, T, S] * v [B, H_kv, S, D] -> [B, T, H_kv, rep, D] (fp32)."""
     if weights.shape[3] == 1:
-        return jnp.sum(weights[:, :, :, 0, :, None].astype(F32) * v[:, :, None].astype(F32), axis=3)[:, None]
+        rep = weights.shape[2]
+        padded = _one_token_group(weights[:, :, :, 0].astype(F32))  # [B, H_kv, >= 2, S]
+        return jnp.sum(padded[..., None] * v[:, :, None].astype(F32), axis=3)[:, None, :, :rep]
     return jnp.einsum("bkgts,bksd->btkgd", weights.astype(v.dtype), v, preferred_element_type=F32)
 
 
@@ -62,7 +78,7 @@ def _attend(q, blocks):
     weights = jax.nn.softmax(logits, axis=-1)
     out, start = 0.0, 0
     for k, v, _ in blocks:
-        out = out + _mix(weights[..., start : start + k.shape[2]], v.astype(q.dtype))
+        out = out + _mix(weights[..., start : start + k.shape[2]], v)
         start += k.shape[2]
     return out.reshape(q.shape).astype(q.dtype)
 
