@@ -22,6 +22,7 @@ from flax import nnx
 from lin_llm.config import ModelConfig, config_to_dict, model_config_from_dict
 from lin_llm.errors import CheckpointError, ConfigError
 from lin_llm.io.atomic import atomic_directory
+from lin_llm.io.streaming import save_params
 from lin_llm.model import LlamaModel, abstract_model, flat_params, new_param_defaults, param_shapes, unflatten
 
 CONFIG_FILE = "config.yaml"
@@ -93,15 +94,12 @@ def write_model_dir(directory: Path, cfg: ModelConfig, flat: Mapping[str, object
     """Write config.yaml, the orbax params and tokenizer files into an existing directory.
 
     The params are written by this process alone from the arrays it is given (host arrays of
-    the whole model), so the directory loads on any device count and any number of hosts.
+    the whole model, or LazyTensors produced and written one at a time), so the directory loads on
+    any device count and any number of hosts.
     Tokenizer files are copied from ``tokenizer_dir`` or written from ``tokenizer_files`` (name -> text).
     """
     (directory / CONFIG_FILE).write_text(yaml.safe_dump({"model": config_to_dict(cfg)}, sort_keys=False))
-    this = jax.process_index()
-    options = ocp.options.MultiprocessingOptions(primary_host=this, active_processes={this})
-    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=options)
-    checkpointer.save(directory / PARAMS_DIR, {name: np.asarray(v) for name, v in flat.items()})
-    checkpointer.wait_until_finished()
+    save_params(directory / PARAMS_DIR, flat)
     copy_tokenizer_files(tokenizer_dir, directory)
     for name, text in (tokenizer_files or {}).items():
         (directory / name).write_text(text, encoding="utf-8")

@@ -26,6 +26,8 @@ from lin_llm.io.atomic import atomic_directory
 from lin_llm.io.checkpoint import write_model_dir
 from lin_llm.io.gguf_tokenizer import gguf_tokenizer
 from lin_llm.io.hf import hf_layout, hf_names, model_config_from_hf, refuse_unexpected
+from lin_llm.io.paths import require_file
+from lin_llm.io.streaming import LazyTensor
 from lin_llm.rope import inverse_frequencies
 
 ARCHITECTURE = "llama"
@@ -80,8 +82,7 @@ def gguf_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def _open(path: Path) -> tuple[GGUFReader, dict[str, Any]]:
-    if not path.is_file():
-        raise CheckpointError(f"--gguf {path} does not exist")
+    require_file(path, "--gguf", "GGUF")
     try:
         reader = GGUFReader(path)
     except (ValueError, IndexError, OSError) as err:
@@ -265,14 +266,21 @@ def convert_gguf_to_checkpoint(
         raise CheckpointError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     gguf = read_gguf(path)  # validates everything before `out` is touched
     cfg = model_config_from_hf(gguf.hf_config, dtype)
-    with atomic_directory(out, overwrite) as tmp:
-        flat = {}
-        for ours, (theirs, transposed) in hf_names(cfg).items():
-            values = gguf.tensor(theirs)
-            if not np.isfinite(values).all():
-                raise CheckpointError(
-                    f"{gguf.path}: tensor {theirs} dequantizes to non-finite values; the file is corrupt"
-                )
-            flat[ours] = jnp.asarray(values.T if transposed else values, dtype)  # one tensor in float32 at a time
-        write_model_dir(tmp, cfg, flat, None, tokenizer_files=gguf.tokenizer_files)
+    flat = {ours: _lazy_tensor(gguf, theirs, transposed, np.dtype(getattr(jnp, dtype)))
+            for ours, (theirs, transposed) in hf_names(cfg).items()}
+    with atomic_directory(out, overwrite, sources=(gguf.path,)) as tmp:
+        write_model_dir(tmp, cfg, flat, None, tokenizer_files=gguf.tokenizer_files)  # one tensor in memory at a time
     return cfg
+
+
+def _lazy_tensor(gguf: GGUFCheckpoint, hf_name: str, transposed: bool, dtype: np.dtype) -> LazyTensor:
+    """The file's tensor ``hf_name`` in our layout and ``dtype``, dequantized when it is written."""
+
+    def load() -> np.ndarray:
+        values = gguf.tensor(hf_name)
+        if not np.isfinite(values).all():
+            raise CheckpointError(f"{gguf.path}: tensor {hf_name} dequantizes to non-finite values; the file is corrupt")
+        return np.ascontiguousarray(values.T if transposed else values).astype(dtype, copy=False)
+
+    shape = _hf_shape(gguf.tensors[hf_name])
+    return LazyTensor(shape[::-1] if transposed else shape, dtype, load)

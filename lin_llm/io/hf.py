@@ -7,21 +7,26 @@ ml_dtypes).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from lin_llm.config import ModelConfig, RopeConfig, model_config_from_dict
 from lin_llm.errors import CheckpointError, ConfigError
 from lin_llm.io.atomic import atomic_directory
 from lin_llm.io.checkpoint import copy_tokenizer_files, load_model_dir, read_model_config, write_model_dir
+from lin_llm.io.paths import require_model_directory
+from lin_llm.io.streaming import LazyTensor
 from lin_llm.model import flat_params, param_shapes
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float32"}  # fp16 widens losslessly
+NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 # Buffers some old exports carry; they are recomputed from the config.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -170,12 +175,37 @@ def model_config_to_hf(cfg: ModelConfig) -> dict:
 # --------------------------------------------------------------------------- HF -> ours
 
 
+@contextlib.contextmanager
+def _safetensors(path: Path):
+    """safe_open(path), refusing a truncated or damaged file (what an interrupted download leaves)."""
+    try:
+        handle = safe_open(path, framework="numpy")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"{path} is not a complete safetensors file ({err}); an interrupted download or copy leaves one: "
+            "download or copy it again"
+        ) from None
+    with handle as f:
+        yield f
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in ``path``, refusing a file that is not one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is not valid JSON ({err}); restore or re-download it") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a {type(value).__name__}, not a JSON object; restore or re-download it")
+    return value
+
+
 def _weight_files(hf_dir: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it."""
     index = hf_dir / "model.safetensors.index.json"
     single = hf_dir / "model.safetensors"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no 'weight_map'")
         for shard in sorted(set(weight_map.values())):
@@ -183,23 +213,24 @@ def _weight_files(hf_dir: Path) -> dict[str, Path]:
                 raise CheckpointError(f"{index} lists shard {shard}, which is missing from {hf_dir}")
         return {name: hf_dir / shard for name, shard in weight_map.items()}
     if single.is_file():
-        with safe_open(single, framework="numpy") as f:
+        with _safetensors(single) as f:
             return {name: single for name in f.keys()}
     found = sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
     hint = f" (found {', '.join(found)}: re-save with save_pretrained(..., safe_serialization=True))" if found else ""
     raise CheckpointError(f"no weights in {hf_dir}: expected model.safetensors or model.safetensors.index.json{hint}")
 
 
-def _plan(hf_dir: Path) -> tuple[ModelConfig, dict[str, tuple[str, bool, Path]]]:
-    """Validate a HF directory completely (config, names, shapes) without reading tensor data."""
+def _plan(hf_dir: Path) -> tuple[ModelConfig, dict[str, LazyTensor]]:
+    """Validate a HF directory completely (config, names, shapes) without reading tensor data: our
+    flat params, each read (in our layout, fp16 widened) only when its ``load()`` is called."""
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{hf_dir} has no config.json; is it a Hugging Face model directory?")
-    hf = json.loads(config_file.read_text())
+    hf = read_json(config_file)
     files = _weight_files(hf_dir)
     headers = {}
     for path in sorted(set(files.values())):
-        with safe_open(path, framework="numpy") as f:
+        with _safetensors(path) as f:
             for name in f.keys():
                 tensor = f.get_slice(name)
                 headers[name] = (tuple(tensor.get_shape()), tensor.get_dtype(), path.name)
@@ -218,38 +249,35 @@ def _plan(hf_dir: Path) -> tuple[ModelConfig, dict[str, tuple[str, bool, Path]]]
             raise CheckpointError(f"{hf_dir}/{file}: tensor {theirs} has shape {list(shape)}, config.json implies {list(want)}")
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{hf_dir}/{file}: tensor {theirs} has dtype {dtype} (supported: F32, BF16, F16)")
-        plan[ours] = (theirs, transposed, files[theirs])
+        plan[ours] = _lazy_tensor(files[theirs], theirs, transposed, shape[::-1] if transposed else shape, dtype)
     tolerated = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    used = {theirs for theirs, _, _ in plan.values()} | tolerated
+    used = {theirs for theirs, _ in hf_names(cfg).values()} | tolerated
     refuse_unexpected(hf_dir, [name for name in headers if name not in used and not name.endswith(IGNORED_SUFFIXES)])
     return cfg, plan
 
 
+def _lazy_tensor(path: Path, name: str, transposed: bool, shape: tuple[int, ...], dtype: str) -> LazyTensor:
+    def load() -> np.ndarray:
+        with _safetensors(path) as f:
+            values = f.get_tensor(name)
+        values = values.astype(np.float32) if values.dtype == np.float16 else values
+        return np.ascontiguousarray(values.T) if transposed else values
+
+    return LazyTensor(shape, NUMPY_DTYPES[SAFETENSORS_DTYPES[dtype]], load)
+
+
 def read_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Config and our flat params from a HF directory, read one tensor at a time."""
-    hf_dir = Path(hf_dir)
-    cfg, plan = _plan(hf_dir)
-    flat = {}
-    by_file: dict[Path, list[str]] = {}
-    for ours, (_, _, path) in plan.items():
-        by_file.setdefault(path, []).append(ours)
-    for path, names in by_file.items():
-        with safe_open(path, framework="numpy") as f:
-            for ours in names:
-                theirs, transposed, _ = plan[ours]
-                tensor = f.get_tensor(theirs)
-                tensor = tensor.astype(np.float32) if tensor.dtype == np.float16 else tensor
-                flat[ours] = np.ascontiguousarray(tensor.T) if transposed else tensor
-    return cfg, flat
+    cfg, tensors = _plan(Path(hf_dir))
+    return cfg, {name: tensor.load() for name, tensor in tensors.items()}
 
 
 def convert_hf_to_checkpoint(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> ModelConfig:
-    hf_dir = Path(hf_dir)
-    if not hf_dir.is_dir():
-        raise CheckpointError(f"--hf-dir {hf_dir} does not exist")
-    cfg, flat = read_hf_checkpoint(hf_dir)  # validates everything before `out` is touched
-    with atomic_directory(out, overwrite) as tmp:
-        write_model_dir(tmp, cfg, flat, hf_dir)
+    """Write the HF LLaMA directory ``hf_dir`` as a lin_llm checkpoint at ``out``, one tensor in memory at a time."""
+    hf_dir = require_model_directory(hf_dir, "--hf-dir")
+    cfg, tensors = _plan(hf_dir)  # validates everything before `out` is touched
+    with atomic_directory(out, overwrite, sources=(hf_dir,)) as tmp:
+        write_model_dir(tmp, cfg, tensors, hf_dir)
     return cfg
 
 
@@ -296,7 +324,7 @@ def export_to_hf(
     for ours, (theirs, transposed) in hf_names(cfg).items():
         value = np.asarray(flat[ours])
         tensors[theirs] = np.ascontiguousarray(value.T) if transposed else value
-    with atomic_directory(out, overwrite) as tmp:
+    with atomic_directory(out, overwrite, sources=(checkpoint,)) as tmp:
         (tmp / "config.json").write_text(json.dumps(model_config_to_hf(cfg), indent=2))
         shards = _shards(tensors, max_shard_bytes)
         if len(shards) == 1:

@@ -8,6 +8,7 @@ from typing import Sequence
 from lin_llm.config import ModelConfig, override_model_config
 from lin_llm.errors import CheckpointError, ConfigError
 from lin_llm.io import checkpoint, hf
+from lin_llm.io.paths import require_model_directory
 from lin_llm.model import LlamaModel
 
 
@@ -27,9 +28,7 @@ def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> LlamaMod
     e.g. ``["compute_dtype=bfloat16"]`` or ``["attention=aug"]`` (linearising: the new params take
     their initial values).
     """
-    path = Path(path).absolute()
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    path = require_model_directory(Path(path).absolute(), "checkpoint directory")
     if checkpoint.is_checkpoint(path):
         cfg = _overridden(path, checkpoint.read_model_config(path), overrides)
         return checkpoint.model_from_flat_params(cfg, checkpoint.restore_params(path, cfg))
