@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lin_llm.errors import LinLLMError
+from lin_llm.cli.common import run_command
 from lin_llm.io.gguf import convert_gguf_to_checkpoint
 from lin_llm.io.hf import convert_hf_to_checkpoint, export_to_hf
 
@@ -30,26 +30,25 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.dtype and not args.gguf:
         parser.error("--dtype applies to --gguf only (the other conversions keep the weights' dtype)")
-    try:
-        if args.to_hf:
-            if not args.checkpoint or args.hf_dir:
-                parser.error("--to-hf takes --checkpoint DIR (a lin_llm checkpoint), not --hf-dir")
-            export_to_hf(args.checkpoint, args.out, args.overwrite)
-            print(f"wrote Hugging Face model to {args.out}")
-        elif args.gguf:
-            if args.hf_dir or args.checkpoint:
-                parser.error("--gguf FILE converts one GGUF file; give neither --hf-dir nor --checkpoint")
-            cfg = convert_gguf_to_checkpoint(args.gguf, args.out, args.dtype or "float32", args.overwrite)
-            print(f"wrote lin_llm checkpoint to {args.out}: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.param_dtype}")
-        else:
-            if not args.hf_dir or args.checkpoint:
-                parser.error("give --hf-dir DIR or --gguf FILE (or --to-hf --checkpoint DIR)")
-            cfg = convert_hf_to_checkpoint(args.hf_dir, args.out, args.overwrite)
-            print(f"wrote lin_llm checkpoint to {args.out}: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.param_dtype}")
-    except LinLLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    if args.to_hf and (not args.checkpoint or args.hf_dir or args.gguf):
+        parser.error("--to-hf takes --checkpoint DIR (a lin_llm checkpoint), not --hf-dir or --gguf")
+    if not args.to_hf and args.gguf and (args.hf_dir or args.checkpoint):
+        parser.error("--gguf FILE converts one GGUF file; give neither --hf-dir nor --checkpoint")
+    if not args.to_hf and not args.gguf and (not args.hf_dir or args.checkpoint):
+        parser.error("give --hf-dir DIR or --gguf FILE (or --to-hf --checkpoint DIR)")
+    return run_command(lambda: _convert(args), interrupted=lambda: f"nothing was written to {args.out}")
+
+
+def _convert(args) -> None:
+    if args.to_hf:
+        export_to_hf(args.checkpoint, args.out, args.overwrite)
+        print(f"wrote Hugging Face model to {args.out}")
+        return
+    if args.gguf:
+        cfg = convert_gguf_to_checkpoint(args.gguf, args.out, args.dtype or "float32", args.overwrite)
+    else:
+        cfg = convert_hf_to_checkpoint(args.hf_dir, args.out, args.overwrite)
+    print(f"wrote lin_llm checkpoint to {args.out}: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.param_dtype}")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ import json
 import sys
 import time
 
+import jax
+
 from lin_llm import benchmarking
+from lin_llm.cli.common import interruptible, run_command
+from lin_llm.decoding.sampling import check_sampling
 from lin_llm.decoding.text import IncrementalText, decode_tokens, encode_prompt
-from lin_llm.errors import LinLLMError
 from lin_llm.io import load_checkpoint
 from lin_llm.tokenizer import model_tokenizer
 
@@ -48,6 +51,8 @@ def _load(args):
     if args.benchmark:  # room for the longest latency context
         overrides.append(f"max_seq_len={max(benchmarking.CONTEXTS) + 256}")
     target = load_checkpoint(args.checkpoint, overrides=overrides)
+    check_sampling(args.temperature, args.top_k, args.top_p, target.cfg.vocab_size,
+                   greedy_only="Medusa decoding (--medusa)" if args.medusa else None)
     draft = load_checkpoint(args.draft, overrides=overrides) if args.draft else None
     tokenizer = model_tokenizer(args.checkpoint, target.cfg)
     return target, draft, tokenizer, encode_prompt(tokenizer, args.prompt)
@@ -64,29 +69,52 @@ def _benchmark(args, target, draft, prompt) -> None:
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
 
 
+class _Terminal:
+    """stdout for streamed text; remembers whether a line is open, so that a message starts on a new one."""
+
+    def __init__(self):
+        self.line_open = False
+
+    def write(self, text: str) -> None:
+        print(text, end="", flush=True)
+        if text:
+            self.line_open = not text.endswith("\n")
+
+    def end_line(self) -> None:
+        if self.line_open:
+            print(flush=True)
+            self.line_open = False
+
+
+def _decode(args, terminal: _Terminal, stream_holder: list) -> None:
+    target, draft, tokenizer, prompt = _load(args)
+    if args.benchmark:
+        interruptible(lambda: _benchmark(args, target, draft, prompt))
+        return
+    stream = IncrementalText(tokenizer, terminal.write)
+    stream_holder.append(stream)
+    terminal.write(args.prompt)
+    start = time.perf_counter()
+    _, stats = interruptible(lambda: jax.block_until_ready(decode_tokens(
+        target, prompt, args.max_new_tokens, draft=draft, medusa_topk=args.medusa_topk if args.medusa else None,
+        gamma=args.gamma, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        eos_id=target.cfg.eos_id, stream=stream,
+    )))
+    seconds = time.perf_counter() - start
+    n = len(stream.tokens)
+    details = "".join(f", {k} {v:.3g}" if isinstance(v, float) else f", {k} {v}" for k, v in stats.items())
+    terminal.end_line()
+    print(f"[{n} tokens in {seconds:.2f} s (with compilation): {n / seconds:.1f} tokens/s{details}]", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        target, draft, tokenizer, prompt = _load(args)
-        if args.benchmark:
-            _benchmark(args, target, draft, prompt)
-            return 0
-        stream = IncrementalText(tokenizer, lambda piece: print(piece, end="", flush=True))
-        print(args.prompt, end="", flush=True)
-        start = time.perf_counter()
-        _, stats = decode_tokens(
-            target, prompt, args.max_new_tokens, draft=draft, medusa_topk=args.medusa_topk if args.medusa else None,
-            gamma=args.gamma, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-            eos_id=target.cfg.eos_id, stream=stream,
-        )
-        seconds = time.perf_counter() - start
-        n = len(stream.tokens)
-        details = "".join(f", {k} {v:.3g}" if isinstance(v, float) else f", {k} {v}" for k, v in stats.items())
-        print(f"\n[{n} tokens in {seconds:.2f} s (with compilation): {n / seconds:.1f} tokens/s{details}]", file=sys.stderr)
-    except LinLLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    terminal, streams = _Terminal(), []
+
+    def interrupted() -> str:
+        return f"generation stopped after {len(streams[0].tokens)} tokens" if streams else "nothing was generated"
+
+    return run_command(lambda: _decode(args, terminal, streams), interrupted=interrupted, before_message=terminal.end_line)
 
 
 if __name__ == "__main__":

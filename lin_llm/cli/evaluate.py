@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from lin_llm import evaluation
-from lin_llm.errors import EvaluationError, LinLLMError
+from lin_llm.cli.common import run_command
+from lin_llm.errors import EvaluationError
 from lin_llm.io import load_checkpoint
 from lin_llm.tokenizer import model_tokenizer
 
@@ -94,10 +94,9 @@ def _report(result: dict, args) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         result = run(args)
-    except LinLLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result) if args.json else _report(result, args))
-    return 0
+        print(json.dumps(result) if args.json else _report(result, args))
+
+    return run_command(body, interrupted=lambda: "nothing was reported")

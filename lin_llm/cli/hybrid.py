@@ -32,11 +32,11 @@ def main(argv=None) -> int:
         parser.error("--offset applies to --every only")
 
     # after parsing, so that --help answers without importing JAX
+    from lin_llm.cli.common import run_command
     from lin_llm.config import load_config
-    from lin_llm.errors import LinLLMError
     from lin_llm.layer_choice import every_kth, highest_transfer_loss, transfer_losses
 
-    try:
+    def body() -> None:
         cfg = load_config(args.config, args.overrides)
         if args.every is not None:
             layers = every_kth(cfg.model.n_layers, args.every, args.offset)
@@ -46,12 +46,9 @@ def main(argv=None) -> int:
             for layer, loss in losses.items():
                 print(f"  layer {layer:3d}  {loss:.5f}")
             layers = highest_transfer_loss(losses, args.highest)
-    except LinLLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"model.softmax_layers=[{','.join(map(str, layers))}]")
-    return 0
+        print(f"model.softmax_layers=[{','.join(map(str, layers))}]")
 
+    return run_command(body, interrupted=lambda: "no layers were chosen")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,30 +38,29 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)
 
     # after parsing, so that --help answers without importing JAX
+    from lin_llm.cli.common import run_command
     from lin_llm.config import load_config
-    from lin_llm.errors import LinLLMError
     from lin_llm.training import train
 
     overrides = list(args.overrides)
     for flag, key in (("coordinator", "coordinator"), ("num_processes", "num_processes"), ("process_id", "process_id")):
         if getattr(args, flag) is not None:
             overrides.append(f"mesh.{key}={getattr(args, flag)}")
-    cfg = None
-    try:
+    loaded = []
+
+    def body() -> int:
         config = args.config
         if config is None:
             config = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else REPO_ROOT / DEFAULT_CONFIG
-        cfg = load_config(config, overrides)
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except LinLLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # outside the loop (loading, distilling, exporting) or a second Ctrl-C in it
-        kept = f"; complete checkpoints in {Path(cfg.train.output_dir) / 'checkpoints'} are kept (--resume)" if cfg else ""
-        print(f"interrupted: nothing new was saved{kept}", file=sys.stderr)
-        return 130
-    return 130 if result.interrupted else 0
+        loaded.append(load_config(config, overrides))
+        result = train(loaded[0], resume=args.resume, progress=not args.no_progress)
+        return 130 if result.interrupted else 0
 
+    def interrupted() -> str:  # outside the loop (loading, distilling, exporting) or a second Ctrl-C in it
+        kept = f"; complete checkpoints in {Path(loaded[0].train.output_dir) / 'checkpoints'} are kept (--resume)"
+        return "nothing new was saved" + (kept if loaded else "")
+
+    return run_command(body, interrupted=interrupted)
 
 if __name__ == "__main__":
     sys.exit(main())

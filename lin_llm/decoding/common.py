@@ -3,6 +3,8 @@ streaming to the host."""
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +25,12 @@ def pad_prompts(prompts, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
         rows = list(ids)
     else:
         rows = [np.asarray(row).reshape(-1) for row in prompts]
+    for i, row in enumerate(rows):
+        if row.size and not np.issubdtype(row.dtype, np.integer):
+            raise DecodeError(f"prompt {i} holds {row.dtype} values, not token ids (integers)")
+        if row.size and not (np.iinfo(np.int32).min <= row.min() and row.max() <= np.iinfo(np.int32).max):
+            value = row.max() if row.max() > 0 else row.min()
+            raise DecodeError(f"prompt {i} has the value {value}, which is no token id (ids are below 2**31)")
     if not rows:
         raise DecodeError("no prompts given")
     lengths = np.array([len(row) for row in rows], np.int32)
@@ -34,11 +42,20 @@ def pad_prompts(prompts, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return ids, lengths
 
 
-def check_request(model, lengths: np.ndarray, max_new_tokens: int, extra: int, temperature: float):
-    if max_new_tokens < 1:
-        raise DecodeError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if temperature < 0:
-        raise DecodeError(f"temperature={temperature} must be >= 0")
+def check_request(model, ids: np.ndarray, lengths: np.ndarray, max_new_tokens: int, extra: int) -> None:
+    """Refuse a request the model cannot serve: no new tokens, a token id outside its vocabulary, or
+    more tokens in all than its max_seq_len. ``ids``/``lengths`` as pad_prompts returns them."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise DecodeError(f"max_new_tokens={max_new_tokens!r} (--max-new-tokens) must be an integer >= 1")
+    vocab = model.cfg.vocab_size
+    real = np.arange(ids.shape[1])[None, :] < lengths[:, None]  # padding is not the caller's
+    bad = real & ((ids < 0) | (ids >= vocab))
+    if bad.any():
+        row, col = (int(i[0]) for i in np.nonzero(bad))
+        raise DecodeError(
+            f"prompt {row} has token id {int(ids[row, col])} at position {col}, outside the model's vocabulary "
+            f"[0, {vocab}): it was encoded with another tokenizer, or is not a token id"
+        )
     total = int(lengths.max()) + max_new_tokens + extra
     if total > model.cfg.max_seq_len:
         raise DecodeError(

@@ -134,7 +134,7 @@ def medusa_generate(model, prompt_ids, max_new_tokens: int, *, topk: tuple[int, 
         )
     tree = build_tree(tuple(topk))
     ids, lengths = pad_prompts(prompt_ids)
-    check_request(model, lengths, max_new_tokens, len(topk) + 1, 0.0)
+    check_request(model, ids, lengths, max_new_tokens, len(topk) + 1)
     out, stats = _medusa(
         model, jnp.asarray(ids), jnp.asarray(lengths), tree=tree, max_new_tokens=max_new_tokens,
         max_len=int(lengths.max()) + max_new_tokens + len(topk) + 1, eos_id=eos_id, stream=stream,

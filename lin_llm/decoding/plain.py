@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from lin_llm.decoding.common import check_request, emit, finish_at_eos, last_logits, pad_prompts
-from lin_llm.decoding.sampling import sample
+from lin_llm.decoding.sampling import check_sampling, sample
 
 
 @functools.partial(
@@ -67,7 +67,8 @@ def generate(
     on the host as tokens are generated (the first counts[r] tokens of row r are new).
     """
     ids, lengths = pad_prompts(prompt_ids)
-    check_request(model, lengths, max_new_tokens, 0, temperature)
+    check_request(model, ids, lengths, max_new_tokens, 0)
+    check_sampling(temperature, top_k, top_p, model.cfg.vocab_size)
     return _generate(
         model, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed),
         max_new_tokens=max_new_tokens, max_len=int(lengths.max()) + max_new_tokens, temperature=float(temperature),

@@ -23,7 +23,7 @@ from lin_llm.decoding.common import (
     pad_prompts,
     speculative_output,
 )
-from lin_llm.decoding.sampling import probs, sample
+from lin_llm.decoding.sampling import check_sampling, probs, sample
 from lin_llm.errors import DecodeError
 
 
@@ -173,7 +173,8 @@ def speculative_generate(
         )
     ids, lengths = pad_prompts(prompt_ids)
     for model in (target, draft):
-        check_request(model, lengths, max_new_tokens, gamma + 1, temperature)
+        check_request(model, ids, lengths, max_new_tokens, gamma + 1)
+    check_sampling(temperature, top_k, top_p, target.cfg.vocab_size)
     out, stats, states = _speculative(
         target, draft, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed),
         max_new_tokens=max_new_tokens, max_len=int(lengths.max()) + max_new_tokens + gamma + 1, gamma=gamma,

@@ -7,6 +7,7 @@ import numpy as np
 
 from lin_llm.decoding.medusa import medusa_generate
 from lin_llm.decoding.plain import generate
+from lin_llm.decoding.sampling import check_sampling
 from lin_llm.decoding.speculative import speculative_generate
 from lin_llm.errors import DecodeError
 
@@ -14,6 +15,13 @@ from lin_llm.errors import DecodeError
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """The prompt's token ids with the tokenizer's own special tokens (its BOS where it adds one,
     as transformers encodes a prompt), so that decoding continues the text a user typed."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # what a command line in another encoding gives (surrogate escapes)
+        raise DecodeError(
+            f"the prompt is not valid UTF-8 text (characters {err.start}-{err.end - 1} are undecodable bytes); "
+            "give --prompt in UTF-8 (check the terminal's or the file's encoding)"
+        ) from None
     if not tokenizer.encode(text):
         raise DecodeError("the prompt is empty; give some text with --prompt")
     return tokenizer.encode(text, add_special_tokens=True)
@@ -39,6 +47,8 @@ def decode_tokens(target, prompt: list[int], max_new_tokens: int, *, draft=None,
                   temperature: float = 0.0, top_k=None, top_p=None, seed: int = 0, eos_id=None, stream=None):
     """(new tokens [1, max_new_tokens], stats) of one prompt: speculative with ``draft``, Medusa with
     ``medusa_topk`` (greedy), else plain decoding."""
+    if medusa_topk is not None:
+        check_sampling(temperature, top_k, top_p, target.cfg.vocab_size, greedy_only="Medusa decoding (--medusa)")
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if draft is not None:
         return speculative_generate(target, draft, [prompt], max_new_tokens, gamma=gamma, eos_id=eos_id, stream=stream,

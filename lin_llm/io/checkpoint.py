@@ -8,7 +8,10 @@ Layout of a lin_llm model checkpoint directory:
 
 from __future__ import annotations
 
+import gc
+import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -116,7 +119,12 @@ def save_model(model: LlamaModel, out: str | Path, *, tokenizer_dir: str | Path 
 
 
 def read_model_config(path: Path) -> ModelConfig:
-    values = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
+    try:
+        values = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, OSError, ValueError) as err:
+        detail = " ".join(str(err).split())
+        raise CheckpointError(f"{path / CONFIG_FILE} cannot be read as YAML ({detail}); restore it, or convert "
+                              "or export the model again") from None
     if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
         raise CheckpointError(f"{path / CONFIG_FILE} has no 'model' section; is this a lin_llm checkpoint?")
     try:
@@ -133,7 +141,9 @@ def restore_params(path: Path, cfg: ModelConfig, shardings: Mapping | None = Non
     params_dir = path / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{path} has {CONFIG_FILE} but no {PARAMS_DIR}/ directory: the checkpoint is incomplete")
-    stored = ocp.StandardCheckpointer().metadata(params_dir).item_metadata
+    stored = _read_orbax(params_dir, lambda: ocp.StandardCheckpointer().metadata(params_dir).item_metadata)
+    if stored is None or not hasattr(stored, "items") or not stored:
+        raise CheckpointError(f"{params_dir} lists no arrays (its _METADATA is missing or damaged): {DAMAGED}")
     try:
         defaults = check_param_shapes(cfg, {name: meta.shape for name, meta in stored.items()})
     except CheckpointError as err:
@@ -142,12 +152,49 @@ def restore_params(path: Path, cfg: ModelConfig, shardings: Mapping | None = Non
         name: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=None if shardings is None else shardings[name])
         for name, meta in stored.items()
     }
-    restored = ocp.StandardCheckpointer().restore(params_dir, target)
+    restored = _read_orbax(params_dir, lambda: ocp.StandardCheckpointer().restore(params_dir, target))
     dtypes = {name: spec.dtype for name, spec in param_shapes(cfg).items()}
     flat = {name: v if v.dtype == dtypes[name] else v.astype(dtypes[name]) for name, v in restored.items()}
     place = place or (lambda host, name: jnp.asarray(host))
     flat.update({name: place(np.asarray(value, dtypes[name]), name) for name, value in defaults.items()})
     return flat
+
+
+DAMAGED = "the checkpoint is damaged or incomplete; restore it from a copy, or convert or export the model again"
+
+
+def _read_orbax(params_dir: Path, read):
+    """``read()`` of orbax data in ``params_dir``; a failure means damaged files: a CheckpointError,
+    without orbax's log noise and that of the reads it abandons."""
+    quiet = [logging.getLogger(name) for name in ("asyncio", "absl")]  # orbax's warnings about what is missing
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        return read()
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as err:
+        _drop_closed_loop_reports()
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"{params_dir} cannot be read ({type(err).__name__}: {detail}): {DAMAGED}") from None
+    finally:
+        gc.collect()  # the abandoned reads' futures report their errors when collected: while quiet
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+
+
+def _drop_closed_loop_reports() -> None:
+    """The reads orbax abandoned finish later in tensorstore's threads and report "Event loop is
+    closed" (their loop is gone) through sys.unraisablehook: drop those reports, pass on the rest."""
+    previous = sys.unraisablehook
+    if getattr(previous, "lin_llm_filter", False):
+        return
+
+    def hook(report):
+        if not (isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"):
+            previous(report)
+
+    hook.lin_llm_filter = True
+    sys.unraisablehook = hook
 
 
 def load_model_dir(path: Path, cfg: ModelConfig | None = None) -> LlamaModel:
