@@ -292,9 +292,11 @@ def _read_yaml(path: Path, chain: tuple = ()) -> dict:
     if path.resolve() in chain:
         raise ConfigError(f"{path}: `base:` files include each other ({' -> '.join(str(p) for p in chain)})")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML{_yaml_problem(err)}; fix the syntax there") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read as UTF-8 text ({err})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, train, mesh), got {type(values).__name__}")
     base = values.pop("base", None)
@@ -303,6 +305,18 @@ def _read_yaml(path: Path, chain: tuple = ()) -> dict:
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: must be the path of another config file, got {base!r}")
     return _merge(_read_yaml(path.parent / base, chain + (path.resolve(),)), values)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """Where and what a YAML syntax error is, on one line."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    mark, context, context_mark = (getattr(err, name, None) for name in ("problem_mark", "context", "context_mark"))
+    problem = getattr(err, "problem", None) or str(err)
+    if context:
+        problem = f"{context}" + (f" (from {at(context_mark)})" if context_mark else "") + f": {problem}"
+    return (f" at {at(mark)}" if mark else "") + ": " + " ".join(problem.split())
 
 
 def _merge(base: dict, values: dict) -> dict:

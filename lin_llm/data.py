@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob
 import hashlib
@@ -36,6 +37,7 @@ COMPRESSION = (".gz", ".xz", ".bz2", ".zst", ".lz4")
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 MIN_DOCS_FOR_DOC_SPLIT = 20  # fewer documents: hold out the tail of the token stream instead
 SPLIT_SEED = 20240607  # the validation split does not depend on train.seed
+PROBE_BYTES = 1 << 16  # what check_data_file reads of each file
 
 
 
@@ -80,6 +82,32 @@ def file_format(path: Path) -> str:
     return FORMATS[ext]
 
 
+def check_data_file(path: Path, fmt: str) -> None:
+    """Refuse, saying why, a data file that the reader would fail on without a cause: empty, not
+    decompressible, or (text and JSON) not UTF-8 in its first PROBE_BYTES."""
+    import fsspec
+
+    if path.stat().st_size == 0:
+        raise DataError(f"train.data: {path} is empty (0 bytes); give a file with text in it")
+    if fmt == "parquet":
+        return
+    try:
+        with fsspec.open(str(path), "rb", compression="infer") as f:
+            head = f.read(PROBE_BYTES)
+    except Exception as err:  # each codec raises its own (LZMAError, BadGzipFile, ZstdError, EOFError, ...)
+        raise DataError(f"train.data: {path} cannot be read or decompressed ({type(err).__name__}: {err}); "
+                        "is the file complete?") from None
+    if not head:
+        raise DataError(f"train.data: {path} holds no data once decompressed; give a file with text in it")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"train.data: {path} is not UTF-8 text (byte 0x{head[err.start]:02x} at offset {err.start}); is it a "
+            f"binary file? give a text or JSONL file in UTF-8, or a parquet file"
+        ) from None
+
+
 def load_documents(t: TrainConfig, cache_dir: str | Path | None = None) -> list[str]:
     """The documents (strings) of the configured source, empty ones dropped."""
     import datasets  # here, not at the top: a heavy import (pyarrow, fsspec) only reading a corpus needs
@@ -101,13 +129,18 @@ def load_documents(t: TrainConfig, cache_dir: str | Path | None = None) -> list[
         if len(formats) > 1:
             raise DataError(f"train.data mixes formats {sorted(formats)}; give files of one format")
         (fmt,) = formats
+        for f in files:
+            check_data_file(f, fmt)
         kwargs = {"sample_by": "paragraph"} if fmt == "text" else {}
         try:
             ds = datasets.load_dataset(
                 fmt, data_files={"train": [str(f) for f in files]}, split="train", cache_dir=cache, **kwargs
             )
         except Exception as err:
-            raise DataError(f"train.data: could not read {[str(f) for f in files]} as {fmt}: {err}") from None
+            cause = err.__cause__ or err.__context__  # datasets wraps the reader's error in a generic one
+            detail = f"{err}: {type(cause).__name__}: {cause}" if cause is not None else str(err)
+            raise DataError(f"train.data: could not read {[str(f) for f in files]} as {fmt} ({detail}); "
+                            f"check that the files are {fmt} files") from None
         sources = [(", ".join(str(f) for f in files), ds)]
     docs: list[str] = []
     for name, ds in sources:

@@ -86,7 +86,8 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
     foreign = sorted(entries - _written_entries(out))
     if foreign:
         raise CheckpointError(
-            f"{out} holds {foreign[0]!r} ({len(foreign)} entries in all), which lin_llm did not write, so "
+            f"{out} holds {foreign[0]!r}" + (f" ({len(foreign)} entries in all)" if len(foreign) > 1 else "")
+            + ", which lin_llm did not write, so "
             "--overwrite does not replace it (it only replaces a previous lin_llm output). Choose another output, "
             "or move those files away yourself"
         )
@@ -152,6 +153,22 @@ def clean_leftovers(out: str | Path) -> list[Path]:
             print(f"note: {path} is a partial write of {out} by {owner}; delete it if no such write is still "
                   "running", file=sys.stderr)
     return removed
+
+
+def require_writable_directory(path: str | Path, what: str, error: type[Exception] = CheckpointError) -> Path:
+    """``path`` as a directory this process can create files in (created if need be), else ``error``
+    naming ``what`` (the flag or field it came from) and why."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise error(
+            f"{what}={str(path)!r} cannot be written ({err.strerror or type(err).__name__}: "
+            f"{err.filename or path}); choose a directory you can create files in"
+        ) from None
+    return path
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from lin_llm import data as data_lib
 from lin_llm import sharding as shd
 from lin_llm.config import Config, config_to_dict
-from lin_llm.io.atomic import write_text
+from lin_llm.errors import TrainError
+from lin_llm.io.atomic import require_writable_directory, write_text
 from lin_llm.model import LlamaModel, abstract_model, flat_params
 from lin_llm.training import checkpoints, metrics
 from lin_llm.training import state as state_lib
@@ -74,6 +75,7 @@ class Trainer:
         self.micro = t.batch_size // t.grad_accum
         shd.check_batch(self.mesh, self.micro)
         self.output_dir = Path(t.output_dir).absolute()  # orbax needs absolute paths
+        require_writable_directory(self.output_dir, "train.output_dir", TrainError)  # before the data's cache goes there
         # data first: a missing or empty corpus stops before any model is built
         self.corpus, self.tokenizer = data_lib.load_corpus(t, cfg.model, self.output_dir / "cache")
         # evaluated in micro-batches, over val_batches full batches: grad_accum does not change the set
