@@ -56,3 +56,17 @@ def smollm2_checkpoint(smollm2_gguf, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "checkpoint"
     assert main(["--gguf", str(smollm2_gguf), "--out", str(out)]) == 0
     return out
+
+
+TINY_BYTE_LEVEL = ("model.n_layers=1", "model.dim=32", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64",
+                   "model.max_seq_len=128", "train.seq_len=16")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny byte-level softmax lin_llm checkpoint (vocabulary 260, max_seq_len 128), saved once per session."""
+    import lin_llm
+
+    out = tmp_path_factory.mktemp("tiny") / "checkpoint"
+    lin_llm.save_model(lin_llm.build_model(lin_llm.load_config(None, TINY_BYTE_LEVEL).model), out)
+    return out
