@@ -48,20 +48,22 @@ def interruptible(work: Callable[[], object]) -> object:
     once even while the work is inside a long compiled computation: as WorkAbandoned, on which
     run_command ends the process. Re-raises what the work raised."""
     outcome: dict = {}
+    done = threading.Event()  # not Thread.join: interrupted, it can mark a running thread stopped (bpo-45274)
 
     def target():
         try:
             outcome["value"] = work()
         except BaseException as err:  # noqa: BLE001 - handed to the waiting thread as it is
             outcome["error"] = err
+        finally:
+            done.set()
 
-    worker = threading.Thread(target=target, name="lin_llm-work", daemon=True)
-    worker.start()
+    threading.Thread(target=target, name="lin_llm-work", daemon=True).start()
     try:
-        while worker.is_alive():
-            worker.join(0.05)
+        while not done.wait(0.05):
+            pass
     except KeyboardInterrupt:
-        if worker.is_alive():
+        if not done.is_set():
             raise WorkAbandoned() from None
         raise
     if "error" in outcome:

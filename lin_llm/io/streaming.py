@@ -74,6 +74,7 @@ class _OneAtATime(ocp.type_handlers.NumpyHandler):
                 raise ValueError(f"{info.name}: load() gave shape {array.shape}, declared {value.shape}")
             # orbax 0.12's NumpyHandler coroutine that opens and writes arrays (pinned in requirements.txt)
             in_flight.append((asyncio.ensure_future(self._background_serialize([array], [info], [arg])), array.nbytes))
+            del array  # the write holds it until done
         await asyncio.gather(*(write for write, _ in in_flight))
 
 
