@@ -226,11 +226,13 @@ def test_decode_ends_the_echoed_prompt_before_an_error(capsys, tiny_checkpoint):
     assert out == "hi\n"  # not "hierror: ..."
 
 
-def test_a_training_run_directory_points_to_its_model(capsys, tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("with_checkpoints", [True, False])
+def test_a_training_run_directory_points_to_its_model(capsys, tiny_checkpoint, tmp_path, with_checkpoints):
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
     shutil.copytree(tiny_checkpoint, run / "model")
-    (run / "config.yaml").write_text("model: {}\ntrain: {}\n")  # what train.py writes there: the run's config
+    if with_checkpoints:  # a run that saved checkpoints; without: save_every=0, only the final model
+        (run / "checkpoints").mkdir()
+    shutil.copy(tiny_checkpoint / "config.yaml", run / "config.yaml")  # train.py writes the run's config there
     refused(capsys, decode.main, ["--checkpoint", run, "--prompt", "hi"], "training run", str(run / "model"))
 
 

@@ -25,7 +25,8 @@ def require_model_directory(path: str | Path, what: str) -> Path:
         else:
             hint = "give a lin_llm checkpoint or Hugging Face model directory"
         raise CheckpointError(f"{what} {path} is a file, not a model directory; {hint}")
-    if (path / "checkpoints").is_dir() and not (path / "params").is_dir():
+    run_parts = (path / "checkpoints").is_dir() or (path / "model" / "config.yaml").is_file()
+    if run_parts and not (path / "params").is_dir():
         model = path / "model"
         where = (f"its trained model is {model}: give that" if model.is_dir() else
                  f"it has no {model.name}/ yet (the run has not finished: continue it with train.py --resume)")
