@@ -56,3 +56,13 @@ def smollm2_checkpoint(smollm2_gguf, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "checkpoint"
     assert main(["--gguf", str(smollm2_gguf), "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Each test module's compiled programs are released when it ends: a single process that kept
+    every compilation of the suite segfaulted inside XLA's CPU compiler after ~440 tests."""
+    yield
+    import jax
+
+    jax.clear_caches()

@@ -8,6 +8,7 @@ uninterrupted run. Ctrl-C finishes the current step, saves and stops.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import threading
@@ -162,6 +163,10 @@ class Trainer:
         if metrics.is_main():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_text(self.output_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+            if self.distill_layer_losses:  # kept for choosing a hybrid's softmax layers (lin_llm.layer_choice)
+                write_text(self.output_dir / "distill.json", json.dumps({
+                    "steps": t.distill_steps, "final_relative_mse": self.distill_losses[-1],
+                    "per_layer": {str(layer): loss for layer, loss in self.distill_layer_losses.items()}}, indent=1))
         writer = MetricsWriter(self.output_dir, metrics.is_main(), start)
         self._log_start()
         stop = _StopFlag()
