@@ -37,9 +37,16 @@ def digest(value) -> str:
     return hashlib.sha256(np.ascontiguousarray(host_array(value)).view(np.uint8).data).hexdigest()
 
 
+def _key(entry) -> str:
+    for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
 def leaves(tree) -> dict[str, object]:
-    """The arrays of a pytree by path ("['params']['layers.0.attn.wq.kernel']", ...)."""
-    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    """The arrays of a pytree by path ("params/layers.0.attn.wq.kernel", "opt/1/0/mu/embed.embedding", ...)."""
+    return {"/".join(_key(k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def digests(flat: Mapping[str, object]) -> dict[str, str]:
@@ -47,16 +54,21 @@ def digests(flat: Mapping[str, object]) -> dict[str, str]:
     return {name: digest(flat[name]) for name in sorted(flat)}
 
 
-def verify(flat: Mapping[str, object], expected: Mapping[str, str], where: str) -> None:
-    """Refuse (CheckpointError naming ``where``) arrays whose bytes differ from the saved digests."""
+def problems(flat: Mapping[str, object], expected: Mapping[str, str]) -> list[str]:
+    """What differs between ``flat`` and the saved digests (empty: nothing)."""
     missing = sorted(set(expected) - set(flat))
     bad = [name for name in sorted(flat) if name in expected and digest(flat[name]) != expected[name]]
-    if bad or missing:
-        what = ([f"{len(bad)} array(s) differ from their saved sha256 ({', '.join(bad[:4])})"] if bad else []) + (
-            [f"{len(missing)} saved array(s) were not restored ({', '.join(missing[:4])})"] if missing else [])
+    return ([f"{len(bad)} array(s) differ from their saved sha256 ({', '.join(bad[:4])})"] if bad else []) + (
+        [f"{len(missing)} saved array(s) were not restored ({', '.join(missing[:4])})"] if missing else [])
+
+
+def verify(flat: Mapping[str, object], expected: Mapping[str, str], where: str) -> None:
+    """Refuse (CheckpointError naming ``where``) arrays whose bytes differ from the saved digests."""
+    found = problems(flat, expected)
+    if found:
         raise CheckpointError(
-            f"{where} is damaged: {'; '.join(what)}. Its files were altered after it was written (disk fault, an interrupted "
-            "copy, an edit); restore it from a good copy or write it again"
+            f"{where} is damaged: {'; '.join(found)}. Its files were altered after it was written (disk fault, an "
+            "interrupted copy, an edit); restore it from a good copy or write it again"
         )
 
 

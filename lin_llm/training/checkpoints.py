@@ -106,8 +106,9 @@ class CheckpointStore:
 
     def _restore_verified(self, step: int, abstract: dict, meta: dict) -> dict:
         state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-        if "sha256" in meta:  # checkpoints written before checksums restore unverified
-            checksums.verify(checksums.leaves(state), meta["sha256"], f"checkpoint {self.directory / str(step)}")
+        found = checksums.problems(checksums.leaves(state), meta["sha256"]) if "sha256" in meta else []
+        if found:  # (checkpoints written before checksums restore unverified)
+            raise CheckpointError("; ".join(found))
         return state
 
     def _set_aside(self, damaged: list[tuple[int, str]]) -> None:
@@ -144,9 +145,12 @@ class CheckpointStore:
 
 
 def _reason(err: Exception) -> str:
-    """The first line of a restore error, short enough for a one-paragraph message."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {text[:200]}" if not isinstance(err, CheckpointError) else text[:300]
+    """The innermost cause of a restore error, in one line short enough for a message."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).split(" See full TensorStore details")[0].strip()
+    line = text.splitlines()[0][:300] if text else ""
+    return line if isinstance(err, CheckpointError) else f"{type(err).__name__}: {line}"
 
 
 def data_identity(t: TrainConfig, corpus) -> dict:
