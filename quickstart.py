@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         _stage(f"1/6 pretraining a softmax LLaMA target on {pre_cfg.train.data} ({pre_cfg.train.steps} steps)")
         softmax = train(pre_cfg, resume=True, progress=progress)
         if softmax.interrupted:
-            return 130
+            return 128 + softmax.stop_signal
 
         _stage("2/6 linearising it with `aug` (softmax weights + zero conv, lambda=1, alpha=0)")
         corpus, _ = load_corpus(fine_cfg.train, fine_cfg.model)
@@ -81,12 +81,12 @@ def main(argv=None) -> int:
         _stage(f"3/6 fine-tuning the linearised target ({fine_cfg.train.steps} steps)")
         aug = train(fine_cfg, resume=True, progress=progress)
         if aug.interrupted:
-            return 130
+            return 128 + aug.stop_signal
 
         _stage(f"4/6 training a 2-layer `aug` draft from scratch ({draft_cfg.train.steps} steps)")
         draft_run = train(draft_cfg, resume=True, progress=progress)
         if draft_run.interrupted:
-            return 130
+            return 128 + draft_run.stop_signal
     except LinLLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
