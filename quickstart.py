@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         report = tiny(args, work) if args.tiny else real(args, work)
     except pipeline.Interrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
-        return 130
+        return 128 + err.signal
     except LinLLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -12,7 +12,8 @@ Multi-host: every process runs the same command; jax.distributed.initialize() is
 mesh.coordinator (or --coordinator, or JAX_COORDINATOR_ADDRESS) is set, or with
 LIN_LLM_DISTRIBUTED=1 on a TPU pod / SLURM where JAX finds the rest itself.
 Checkpoints, metrics.jsonl and the final model (output_dir/model) go to train.output_dir.
-Ctrl-C saves a checkpoint and exits (status 130); --resume continues from it.
+Ctrl-C saves a checkpoint and exits (status 130), SIGTERM likewise (status 143); --resume
+continues from it, or from the newest intact checkpoint when the latest is damaged.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
     from lin_llm.config import load_config
     from lin_llm.errors import LinLLMError
     from lin_llm.training import train
+    from lin_llm.training.loop import Terminated
 
     overrides = list(args.overrides)
     for flag, key in (("coordinator", "coordinator"), ("num_processes", "num_processes"), ("process_id", "process_id")):
@@ -56,11 +58,12 @@ def main(argv=None) -> int:
     except LinLLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # outside the loop (loading, distilling, exporting) or a second Ctrl-C in it
+    except KeyboardInterrupt as err:  # outside the loop (loading, distilling, exporting) or a second signal in it
         kept = f"; complete checkpoints in {Path(cfg.train.output_dir) / 'checkpoints'} are kept (--resume)" if cfg else ""
-        print(f"interrupted: nothing new was saved{kept}", file=sys.stderr)
-        return 130
-    return 130 if result.interrupted else 0
+        print(f"{'terminated' if isinstance(err, Terminated) else 'interrupted'}: nothing new was saved{kept}",
+              file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    return 128 + result.stop_signal if result.interrupted else 0
 
 
 if __name__ == "__main__":

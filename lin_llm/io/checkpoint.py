@@ -3,6 +3,7 @@
 Layout of a lin_llm model checkpoint directory:
   config.yaml   {"model": {...}}: the ModelConfig the params belong to
   params/       orbax PyTree checkpoint of the flat {"layers.0.attn.wq.kernel": array, ...} dict
+  checksums.json  the sha256 of each param's bytes (lin_llm/io/checksums.py), verified on restore
   tokenizer files copied from the directory it was converted from, if any
 """
 
@@ -21,6 +22,7 @@ from flax import nnx
 
 from lin_llm.config import ModelConfig, config_to_dict, model_config_from_dict
 from lin_llm.errors import CheckpointError, ConfigError
+from lin_llm.io import checksums
 from lin_llm.io.atomic import atomic_directory
 from lin_llm.model import LlamaModel, abstract_model, flat_params, new_param_defaults, param_shapes, unflatten
 
@@ -100,8 +102,10 @@ def write_model_dir(directory: Path, cfg: ModelConfig, flat: Mapping[str, object
     this = jax.process_index()
     options = ocp.options.MultiprocessingOptions(primary_host=this, active_processes={this})
     checkpointer = ocp.StandardCheckpointer(multiprocessing_options=options)
-    checkpointer.save(directory / PARAMS_DIR, {name: np.asarray(v) for name, v in flat.items()})
+    host = {name: np.asarray(v) for name, v in flat.items()}
+    checkpointer.save(directory / PARAMS_DIR, host)
     checkpointer.wait_until_finished()
+    checksums.write_file(directory, host)
     copy_tokenizer_files(tokenizer_dir, directory)
     for name, text in (tokenizer_files or {}).items():
         (directory / name).write_text(text, encoding="utf-8")
@@ -144,7 +148,10 @@ def restore_params(path: Path, cfg: ModelConfig, shardings: Mapping | None = Non
         name: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=None if shardings is None else shardings[name])
         for name, meta in stored.items()
     }
+    expected = checksums.read_file(path)
     restored = ocp.StandardCheckpointer().restore(params_dir, target)
+    if expected is not None:
+        checksums.verify(restored, expected, f"the checkpoint {path}")
     dtypes = {name: spec.dtype for name, spec in param_shapes(cfg).items()}
     flat = {name: v if v.dtype == dtypes[name] else v.astype(dtypes[name]) for name, v in restored.items()}
     place = place or (lambda host, name: jnp.asarray(host))
