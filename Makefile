@@ -19,11 +19,12 @@ run: $(STAMP)
 	$(PY) quickstart.py
 
 # The default test run (slow tests excluded). pytest's exit code 5 ("no tests collected")
-# means the suite is broken here, so it fails. The `multidevice` tests (8 fake CPU devices,
-# sharded training) run in a pytest process of their own: after the rest of the suite's
-# compilations in the same process, XLA's CPU compiler segfaulted twice in the 8-device step.
+# means the suite is broken here, so it fails. No process compiles the whole suite: XLA's CPU
+# compiler segfaulted after ~440 tests' compilations in one process (each module's programs are
+# also released when it ends, tests/conftest.py). So the tests run in 2 worker processes (whole
+# files each), and the `multidevice` tests (8 fake CPU devices, sharded training) in one of their own.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not multidevice"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not multidevice"
 	$(PY) -m pytest -q -m "multidevice and not slow"
 
 # Long tests. Exit code 5 is fine here: there may be no slow test selected.

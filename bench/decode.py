@@ -219,7 +219,7 @@ def plot(result, path: Path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/tiny.yaml", help="the latency-vs-context model")
-    parser.add_argument("--real-model", default="runs/smollm2/teacher", help="lin_llm checkpoint (skipped if absent)")
+    parser.add_argument("--real-model", default="runs/quickstart/teacher", help="lin_llm checkpoint (skipped if absent)")
     parser.add_argument("--new-tokens", type=int, default=256, help="new tokens of the small models")
     parser.add_argument("--real-new-tokens", type=int, default=64)
     parser.add_argument("--real-contexts", type=int, nargs="+", default=[256, 8192], help="linearised real model")

@@ -132,7 +132,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--venv", default=".venv-gpu", help="the GPU environment (created if missing)")
     parser.add_argument("--python", default=sys.executable, help="interpreter that creates the environment")
-    parser.add_argument("--real-model", default="runs/smollm2/teacher", help="lin_llm checkpoint to decode, if present")
+    parser.add_argument("--real-model", default="runs/quickstart/teacher", help="lin_llm checkpoint to decode, if present")
     parser.add_argument("--skip-setup", action="store_true", help="use --venv as it is")
     args = parser.parse_args(argv)
     started = time.perf_counter()

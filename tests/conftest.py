@@ -58,6 +58,16 @@ def smollm2_checkpoint(smollm2_gguf, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Each test module's compiled programs are released when it ends: a single process that kept
+    every compilation of the suite segfaulted inside XLA's CPU compiler after ~440 tests."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 TINY_BYTE_LEVEL = ("model.n_layers=1", "model.dim=32", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64",
                    "model.max_seq_len=128", "train.seq_len=16")
 

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import train as train_cli
 from lin_llm import build_model, load_checkpoint, load_config, save_model, training
+from lin_llm.layer_choice import recorded_transfer_losses
 from lin_llm.model import flat_params
 from lin_llm.sharding import MeshError
 from lin_llm.training import MetricsWriter, Trainer, lr_schedule, make_optimizer, model_logits
@@ -340,7 +341,7 @@ def test_lora_and_trainable_regex_freeze_the_rest(tmp_path):
     assert "layers.0.attn.conv" in before and "layers.1.attn.conv" not in before
 
 
-def test_distillation_fits_linear_attention_to_softmax(tmp_path):
+def test_distillation_fits_linear_attention_to_softmax(tmp_path, capsys):
     # a hybrid: layer 1 keeps softmax attention, so it is neither trained nor measured
     softmax = build_model(load_config(None, [*TINY, "model.init_std=0.2", "model.n_layers=3"]).model, seed=4)
     save_model(softmax, tmp_path / "softmax")
@@ -363,6 +364,14 @@ def test_distillation_fits_linear_attention_to_softmax(tmp_path):
         assert sorted(set(params) - set(ref)) == [f"layers.{i}.attn.hedgehog_{x}" for i in (0, 2) for x in "kq"]
         for i in (0, 2):
             assert not np.allclose(np.asarray(params[f"layers.{i}.attn.hedgehog_q"]), np.eye(16))
+        trainer.run()  # the run records the per-layer losses, for choosing layers without a second transfer
+        assert recorded_transfer_losses(tmp_path / "run") == layer_losses
+        from lin_llm.cli import hybrid
+
+        assert hybrid.main(["--highest", "1", "--from-run", str(tmp_path / "run")]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == f"model.softmax_layers=[{max(layer_losses, key=layer_losses.get)}]"
+        assert hybrid.main(["--highest", "1", "--from-run", str(tmp_path)]) == 2
+        assert "distill.json not found" in capsys.readouterr().err
     finally:
         trainer.close()
 

@@ -19,23 +19,25 @@ def one_paragraph(text) -> str:
 def run_command(body: Callable[[], int | None], *, interrupted: Callable[[], str] = lambda: "stopped",
                 before_message: Callable[[], None] = lambda: None) -> int:
     """``body()``'s exit status (None: 0); a LinLLMError prints ``error: MESSAGE`` and gives 2, Ctrl-C
-    prints ``interrupted: ...`` (``interrupted()`` says what was kept) and gives 130. ``before_message``
-    runs first (e.g. to end a line of streamed output)."""
+    prints ``interrupted: ...`` (``interrupted()`` says what was kept) and gives 130 (a KeyboardInterrupt
+    subclass may carry its own ``word`` and ``exit_status``). ``before_message`` runs first (e.g. to
+    end a line of streamed output)."""
     try:
         return body() or 0
     except LinLLMError as err:
         before_message()
         print(f"error: {one_paragraph(err)}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt as stop:
+    except KeyboardInterrupt as stop:  # a subclass may name itself: word, exit_status (SIGTERM: terminated, 143)
         before_message()
-        print(f"interrupted: {one_paragraph(interrupted())}", file=sys.stderr, flush=True)
+        status = getattr(stop, "exit_status", 130)
+        print(f"{getattr(stop, 'word', 'interrupted')}: {one_paragraph(interrupted())}", file=sys.stderr, flush=True)
         if isinstance(stop, WorkAbandoned):
             # a compiled computation is still running (XLA cannot cancel one): leave now, as the
             # interpreter would otherwise wait for it, then abort while tearing down its threads
             sys.stdout.flush()
-            os._exit(130)
-        return 130
+            os._exit(status)
+        return status
 
 
 class WorkAbandoned(KeyboardInterrupt):

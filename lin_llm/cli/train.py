@@ -12,7 +12,8 @@ Multi-host: every process runs the same command; jax.distributed.initialize() is
 mesh.coordinator (or --coordinator, or JAX_COORDINATOR_ADDRESS) is set, or with
 LIN_LLM_DISTRIBUTED=1 on a TPU pod / SLURM where JAX finds the rest itself.
 Checkpoints, metrics.jsonl and the final model (output_dir/model) go to train.output_dir.
-Ctrl-C saves a checkpoint and exits (status 130); --resume continues from it.
+Ctrl-C saves a checkpoint and exits (status 130), SIGTERM likewise (status 143); --resume
+continues from it, or from the newest intact checkpoint when the latest is damaged.
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ def main(argv=None) -> int:
             config = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else REPO_ROOT / DEFAULT_CONFIG
         loaded.append(load_config(config, overrides))
         result = train(loaded[0], resume=args.resume, progress=not args.no_progress)
-        return 130 if result.interrupted else 0
+        return 128 + result.stop_signal if result.interrupted else 0
 
-    def interrupted() -> str:  # outside the loop (loading, distilling, exporting) or a second Ctrl-C in it
+    def interrupted() -> str:  # outside the loop (loading, distilling, exporting) or a second signal in it
         kept = f"; complete checkpoints in {Path(loaded[0].train.output_dir) / 'checkpoints'} are kept (--resume)"
         return "nothing new was saved" + (kept if loaded else "")
 

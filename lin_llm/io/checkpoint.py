@@ -3,6 +3,7 @@
 Layout of a lin_llm model checkpoint directory:
   config.yaml   {"model": {...}}: the ModelConfig the params belong to
   params/       orbax PyTree checkpoint of the flat {"layers.0.attn.wq.kernel": array, ...} dict
+  checksums.json  the sha256 of each param's bytes (lin_llm/io/checksums.py), verified on restore
   tokenizer files copied from the directory it was converted from, if any
 """
 
@@ -24,6 +25,7 @@ from flax import nnx
 
 from lin_llm.config import ModelConfig, config_to_dict, model_config_from_dict
 from lin_llm.errors import CheckpointError, ConfigError
+from lin_llm.io import checksums
 from lin_llm.io.atomic import atomic_directory
 from lin_llm.io.streaming import save_params
 from lin_llm.model import LlamaModel, abstract_model, flat_params, new_param_defaults, param_shapes, unflatten
@@ -102,7 +104,7 @@ def write_model_dir(directory: Path, cfg: ModelConfig, flat: Mapping[str, object
     Tokenizer files are copied from ``tokenizer_dir`` or written from ``tokenizer_files`` (name -> text).
     """
     (directory / CONFIG_FILE).write_text(yaml.safe_dump({"model": config_to_dict(cfg)}, sort_keys=False))
-    save_params(directory / PARAMS_DIR, flat)
+    checksums.write_digests(directory, save_params(directory / PARAMS_DIR, flat))
     copy_tokenizer_files(tokenizer_dir, directory)
     for name, text in (tokenizer_files or {}).items():
         (directory / name).write_text(text, encoding="utf-8")
@@ -152,7 +154,10 @@ def restore_params(path: Path, cfg: ModelConfig, shardings: Mapping | None = Non
         name: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=None if shardings is None else shardings[name])
         for name, meta in stored.items()
     }
+    expected = checksums.read_file(path)
     restored = _read_orbax(params_dir, lambda: ocp.StandardCheckpointer().restore(params_dir, target))
+    if expected is not None:
+        checksums.verify(restored, expected, f"the checkpoint {path}")
     dtypes = {name: spec.dtype for name, spec in param_shapes(cfg).items()}
     flat = {name: v if v.dtype == dtypes[name] else v.astype(dtypes[name]) for name, v in restored.items()}
     place = place or (lambda host, name: jnp.asarray(host))

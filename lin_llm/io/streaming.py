@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lin_llm.errors import LinLLMError
+from lin_llm.io import checksums
 
 # LazyTensors being written at once, in bytes (at least one, however large): writes overlap with
 # producing the next tensor, and memory stays about this much beyond the interpreter
@@ -55,6 +56,7 @@ class _OneAtATime(ocp.type_handlers.NumpyHandler):
     def __init__(self):
         super().__init__(deepcopy_host_arrays=False)
         self.error: LinLLMError | None = None
+        self.digests: dict[str, str] = {}  # param name -> sha256 of what was written
 
     async def serialize(self, values, infos, args=None):
         args = args or [ocp.type_handlers.SaveArgs()] * len(values)
@@ -72,15 +74,17 @@ class _OneAtATime(ocp.type_handlers.NumpyHandler):
                 break
             if array.shape != tuple(value.shape):
                 raise ValueError(f"{info.name}: load() gave shape {array.shape}, declared {value.shape}")
+            self.digests[info.name] = checksums.digest(array)
             # orbax 0.12's NumpyHandler coroutine that opens and writes arrays (pinned in requirements.txt)
             in_flight.append((asyncio.ensure_future(self._background_serialize([array], [info], [arg])), array.nbytes))
             del array  # the write holds it until done
         await asyncio.gather(*(write for write, _ in in_flight))
 
 
-def save_params(directory: Path, flat: Mapping[str, object]) -> None:
+def save_params(directory: Path, flat: Mapping[str, object]) -> dict[str, str]:
     """Write ``flat`` (name -> host array or LazyTensor) as an orbax PyTree checkpoint at ``directory``,
-    by this process alone: arrays concurrently, LazyTensors one at a time."""
+    by this process alone: arrays concurrently, LazyTensors one at a time. Returns the sha256 of
+    each array written (lin_llm.io.checksums), computed while it was in memory."""
     lazy = _OneAtATime()
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
@@ -94,3 +98,5 @@ def save_params(directory: Path, flat: Mapping[str, object]) -> None:
     ocp.Checkpointer(handler, multiprocessing_options=options).save(directory, args=ocp.args.PyTreeSave(tree))
     if lazy.error is not None:
         raise lazy.error
+    arrays = {name: v for name, v in tree.items() if not isinstance(v, LazyTensor)}
+    return dict(sorted({**lazy.digests, **checksums.digests(arrays)}.items()))

@@ -16,10 +16,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from lin_llm import data as data_lib
 from lin_llm import sharding as shd
 from lin_llm.config import Config, ModelConfig, TrainConfig, config_from_dict, config_to_dict, field_names
 from lin_llm.errors import CheckpointError, TrainError
 from lin_llm.io import checkpoint as ckpt
+from lin_llm.io import checksums
 from lin_llm.io.atomic import atomic_directory
 from lin_llm.io.load import load_checkpoint
 from lin_llm.model import build_model, flat_params, param_shapes
@@ -45,8 +47,12 @@ def _normalized(stored: dict) -> dict:
         return stored
 
 
+DAMAGED_DIR = "damaged-checkpoints"  # beside checkpoints/: where a damaged step is moved (never deleted)
+
+
 class CheckpointStore:
-    """The run's checkpoints: save, find the latest, check it fits the config, restore."""
+    """The run's checkpoints: save (with a sha256 of every array), and on --resume restore the
+    newest intact one that fits the config, setting damaged newer ones aside."""
 
     def __init__(self, directory: Path, keep: int):
         self.directory = directory
@@ -56,49 +62,79 @@ class CheckpointStore:
         )
         self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
 
-    def resumable_step(self, cfg: Config, fingerprint: str, resume: bool) -> int | None:
-        """The step to resume from (None: start fresh); refuses a mismatch or an unasked resume."""
+    def check_fresh(self, resume: bool) -> None:
+        """Refuse to start over the checkpoints of another run unless resuming."""
         latest = self.manager.latest_step()
-        if not resume:
-            if latest is not None:
-                raise TrainError(
-                    f"{self.directory} already has checkpoints (latest step {latest}); pass --resume to continue "
-                    "that run, or choose another train.output_dir"
-                )
-            return None
-        if latest is None:
-            metrics.log(f"--resume: no checkpoint in {self.directory} yet; starting from step 0")
-            return None
-        meta = self.manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        stored, current = _normalized(meta["config"]), config_to_dict(cfg)
-        resume_fields = field_names(TrainConfig, "resume")
-        problems = _diff(stored["model"], current["model"], "model.")
-        problems += _diff({k: stored["train"].get(k) for k in resume_fields},
-                          {k: current["train"].get(k) for k in resume_fields}, "train.")
-        if problems:
+        if not resume and latest is not None:
             raise TrainError(
-                f"the checkpoint in {self.directory} (step {latest}) was written with a different config: "
-                + "; ".join(problems[:6])
-                + ". Set these fields back to the checkpoint's values, or choose another train.output_dir"
+                f"{self.directory} already has checkpoints (latest step {latest}); pass --resume to continue "
+                "that run, or choose another train.output_dir"
             )
-        if meta["data"]["fingerprint"] != fingerprint:
+
+    def resume(self, cfg: Config, data: dict, abstract: dict) -> dict | None:
+        """The state in the newest intact checkpoint (None: there is none yet, start fresh).
+
+        A checkpoint that cannot be read or whose arrays differ from their saved sha256 is damaged:
+        when an older one is intact, the damaged ones are moved to output_dir/damaged-checkpoints and
+        training resumes from it; when none is, nothing is moved and the run is refused. A config or
+        data mismatch (TrainError) is refused at the newest readable checkpoint.
+        """
+        damaged: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            except Exception as err:  # any failure to read it is damage
+                damaged.append((step, _reason(err)))
+                continue
+            check_fits(meta, cfg, data, self.directory / str(step))
+            try:
+                state = self._restore_verified(step, abstract, meta)
+            except Exception as err:  # a damaged array, a missing file
+                damaged.append((step, _reason(err)))
+                continue
+            self._set_aside(damaged)
+            metrics.log(f"resumed from {self.directory / str(step)} (step {step})")
+            return state
+        if damaged:
             raise TrainError(
-                f"the checkpoint in {self.directory} was trained on different data (tokens fingerprint "
-                f"{meta['data']['fingerprint']}, now {fingerprint}); resume with the same train.data "
-                "and tokenizer, or choose another train.output_dir"
+                f"no intact checkpoint in {self.directory} to resume from: "
+                + "; ".join(f"step {s}: {why}" for s, why in damaged)
+                + ". Restore them from a good copy, or start again in another train.output_dir"
             )
-        return latest
+        metrics.log(f"--resume: no checkpoint in {self.directory} yet; starting from step 0")
+        return None
+
+    def _restore_verified(self, step: int, abstract: dict, meta: dict) -> dict:
+        state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        found = checksums.problems(checksums.leaves(state), meta["sha256"]) if "sha256" in meta else []
+        if found:  # (checkpoints written before checksums restore unverified)
+            raise CheckpointError("; ".join(found))
+        return state
+
+    def _set_aside(self, damaged: list[tuple[int, str]]) -> None:
+        """Move each damaged step out of the manager's sight (process 0; the others wait)."""
+        if not damaged:
+            return
+        aside = self.directory.parent / DAMAGED_DIR
+        if metrics.is_main():
+            aside.mkdir(exist_ok=True)
+            for step, why in damaged:
+                target = aside / str(step)
+                n = 1
+                while target.exists():
+                    target, n = aside / f"{step}.{n}", n + 1
+                (self.directory / str(step)).rename(target)
+                metrics.log(f"checkpoint {self.directory / str(step)} is damaged ({why}); moved to {target}")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("lin_llm: damaged checkpoints set aside")
+        self.manager.reload()
 
     def save(self, step: int, state: dict, meta: dict, *, force: bool = False, wait: bool = False) -> None:
+        meta = {**meta, "sha256": checksums.digests(checksums.leaves(state))}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, force=force)
         if wait:
             self.manager.wait_until_finished()
-
-    def restore(self, step: int, abstract: dict) -> dict:
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        metrics.log(f"resumed from {self.directory / str(step)} (step {step})")
-        return restored["state"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -106,6 +142,47 @@ class CheckpointStore:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _reason(err: Exception) -> str:
+    """The innermost cause of a restore error, in one line short enough for a message."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).split(" See full TensorStore details")[0].strip()
+    line = text.splitlines()[0][:300] if text else ""
+    return line if isinstance(err, CheckpointError) else f"{type(err).__name__}: {line}"
+
+
+def data_identity(t: TrainConfig, corpus) -> dict:
+    """What a resumed run's data is compared by: its tokens' fingerprint; and for messages, the
+    files train.data resolves to (absolute) or the hub dataset."""
+    source = (f"train.dataset={t.dataset!r}" if t.dataset
+              else "train.data=" + ", ".join(str(p.resolve()) for p in data_lib.resolve_files(t.data)))
+    return {"fingerprint": corpus.fingerprint, "source": source}
+
+
+def check_fits(meta: dict, cfg: Config, data: dict, where: Path) -> None:
+    """Refuse to resume ``cfg`` from the checkpoint whose meta is ``meta``: another model, another
+    value of a field the run's state or data order depends on, or other data. The data is compared
+    by content (its tokens' fingerprint), not by how train.data is spelled: ./data/x and its
+    absolute path are the same data."""
+    stored, current = _normalized(meta["config"]), config_to_dict(cfg)
+    resume_fields = [f for f in field_names(TrainConfig, "resume") if f != "data"]
+    problems = _diff(stored["model"], current["model"], "model.")
+    problems += _diff({k: stored["train"].get(k) for k in resume_fields},
+                      {k: current["train"].get(k) for k in resume_fields}, "train.")
+    if problems:
+        raise TrainError(
+            f"the checkpoint {where} was written with a different config: " + "; ".join(problems[:6])
+            + ". Set these fields back to the checkpoint's values, or choose another train.output_dir"
+        )
+    if meta["data"]["fingerprint"] != data["fingerprint"]:
+        before = meta["data"].get("source") or stored["train"].get("data")
+        raise TrainError(
+            f"the checkpoint {where} was trained on different data: {before}, now {data['source']} "
+            f"(tokens fingerprint {meta['data']['fingerprint']}, now {data['fingerprint']}); resume with the "
+            "same data and tokenizer, or choose another train.output_dir"
+        )
 
 
 # --------------------------------------------------------------------------- where params start

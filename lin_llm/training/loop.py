@@ -2,12 +2,15 @@
 checkpoints) and ``run`` steps it, evaluating, saving and logging; ``train`` is what train.py runs.
 
 The batch of a step is a pure function of the step, so ``--resume`` reproduces the losses of an
-uninterrupted run. Ctrl-C finishes the current step, saves and stops.
+uninterrupted run. Ctrl-C or SIGTERM (what schedulers send before preemption) finishes the
+current step, saves and stops; outside the loop (loading, distilling, exporting) either stops at
+once, keeping the complete checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import threading
@@ -40,9 +43,13 @@ class TrainResult:
     losses: dict[int, float]  # step -> training loss of that step (1-based: loss of the update to `step`)
     val: dict[int, float]  # step -> validation loss
     tokens_per_s: float
-    interrupted: bool
+    stop_signal: int  # the signal (SIGINT, SIGTERM) that stopped the run before train.steps; 0: none
     output_dir: Path
     model_dir: Path | None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_signal != 0
 
     @property
     def final_val_loss(self) -> float:
@@ -81,12 +88,14 @@ class Trainer:
         # evaluated in micro-batches, over val_batches full batches: grad_accum does not change the set
         self.val_data = data_lib.val_batches(self.corpus, self.micro, t.val_batches * t.grad_accum)
         self.store = checkpoints.CheckpointStore(self.output_dir / "checkpoints", t.keep_checkpoints)
-        latest = self.store.resumable_step(cfg, self.corpus.fingerprint, resume)
+        self.store.check_fresh(resume)
+        self.data = checkpoints.data_identity(t, self.corpus)
 
         self.plan = state_lib.plan_params(cfg)
         self.schedule = step_lib.lr_schedule(t)
         self.tx = step_lib.make_optimizer(t, self.schedule, state_lib.abstract_params(self.plan, self.plan.train_names))
         self.sh = state_lib.build_shardings(self.plan, self.mesh, self.tx)
+        resumed = self.store.resume(cfg, self.data, state_lib.abstract_state(self.plan, self.sh, self.tx)) if resume else None
         self.graphdef = nnx.split(abstract_model(cfg.model))[0]
         self.train_step, self.eval_step = step_lib.cached_steps(
             cfg, self.mesh, lambda: step_lib.build_steps(self.graphdef, self.tx, self.schedule, t, self.mesh, self.sh))
@@ -95,10 +104,9 @@ class Trainer:
 
         self.distill_losses: list[float] = []
         self.distill_layer_losses: dict[int, float] = {}  # each linear layer's final relative MSE
-        if latest is not None:
-            restored = self.store.restore(latest, state_lib.abstract_state(self.plan, self.sh, self.tx))
-            self.frozen = restored.pop("frozen")
-            self.state = restored
+        if resumed is not None:
+            self.frozen = resumed.pop("frozen")
+            self.state = resumed
         else:
             flat = checkpoints.initial_params(cfg, self.sh.params)
             if t.distill_steps:
@@ -137,7 +145,7 @@ class Trainer:
             "step": step,
             "config": config_to_dict(self.cfg),
             "data": {
-                "fingerprint": self.corpus.fingerprint,
+                **self.data,
                 "n_train_sequences": self.corpus.n_train,
                 "sequences_consumed": step * t.batch_size,
                 "epoch": step * t.batch_size // self.corpus.n_train,
@@ -164,25 +172,29 @@ class Trainer:
         if metrics.is_main():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_text(self.output_dir / "config.yaml", yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+            if self.distill_layer_losses:  # kept for choosing a hybrid's softmax layers (lin_llm.layer_choice)
+                write_text(self.output_dir / "distill.json", json.dumps({
+                    "steps": t.distill_steps, "final_relative_mse": self.distill_losses[-1],
+                    "per_layer": {str(layer): loss for layer, loss in self.distill_layer_losses.items()}}, indent=1))
         writer = MetricsWriter(self.output_dir, metrics.is_main(), start)
         self._log_start()
         stop = _StopFlag()
-        with stop:
+        with stop:  # a signal during the closing save does not cut it short (a second one does)
             losses, val, tok_s = self._steps(start, t.steps if until is None else min(until, t.steps), writer, stop)
-        end = int(jax.device_get(self.state["step"]))
+            end = int(jax.device_get(self.state["step"]))
+            if end < t.steps:
+                if not (t.save_every and end % t.save_every == 0):
+                    self.save(end, force=True)
+                self.store.wait()
+                metrics.log(f"{'interrupted' if stop.requested else 'stopped'} at step {end}: checkpoint saved in "
+                    f"{self.store.directory}; continue with --resume")
+            self.store.wait()
         if not val and end == t.steps:  # resumed a finished run: report it all the same
             val[end] = self.evaluate()
-        if end < t.steps:
-            if not (t.save_every and end % t.save_every == 0):
-                self.save(end, force=True)
-            self.store.wait()
-            metrics.log(f"{'interrupted' if stop.requested else 'stopped'} at step {end}: checkpoint saved in "
-                f"{self.store.directory}; continue with --resume")
-        self.store.wait()
         model_dir = None
         if end == t.steps and t.export_model:
             model_dir = checkpoints.export_model(self.cfg, flat_params(self.final_model()), self.output_dir / "model")
-        result = TrainResult(start, end, losses, val, tok_s, stop.requested and end < t.steps, self.output_dir, model_dir)
+        result = TrainResult(start, end, losses, val, tok_s, stop.signum if end < t.steps else 0, self.output_dir, model_dir)
         if val:
             summary = {"steps": end, "val_loss": round(result.final_val_loss, 5), "val_ppl": round(result.final_val_ppl, 4),
                        "tokens_per_s": round(tok_s, 1), "attention": self.cfg.model.attention_summary}
@@ -264,41 +276,66 @@ class Trainer:
         return loss
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM where the loop cannot stop cleanly (loading, distilling, exporting, or a second
+    SIGTERM): like Ctrl-C there, it stops at once; complete checkpoints are kept."""
+
+    word, exit_status = "terminated", 128 + signal.SIGTERM  # how lin_llm.cli.common.run_command reports it
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 class _StopFlag:
-    """The first Ctrl-C asks the loop to stop after the current step (it then saves); a second
-    one interrupts at once."""
+    """The first Ctrl-C or SIGTERM asks the loop to stop after the current step (it then saves a
+    checkpoint and returns); a second one interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum = 0
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
 
     def _handler(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        metrics.log("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        self.signum = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        metrics.log(f"\n{name}: stopping after this step and saving a checkpoint ({name} again to abort)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if previous is None else previous)
 
 
 # --------------------------------------------------------------------------- entry points
 
 
 def train(cfg: Config, *, resume: bool = False, progress: bool = True, devices=None) -> TrainResult:
-    """Run ``cfg`` to train.steps (or until Ctrl-C). Multi-host set-up happens here first."""
-    shd.maybe_initialize_distributed(cfg.mesh)
-    trainer = Trainer(cfg, resume=resume, progress=progress, devices=devices)
+    """Run ``cfg`` to train.steps (or until Ctrl-C or SIGTERM). Multi-host set-up happens here
+    first. SIGTERM outside the loop raises Terminated (a KeyboardInterrupt)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     try:
-        return trainer.run()
+        shd.maybe_initialize_distributed(cfg.mesh)
+        trainer = Trainer(cfg, resume=resume, progress=progress, devices=devices)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def evaluate_model(model: LlamaModel, batches: list[np.ndarray]) -> float:

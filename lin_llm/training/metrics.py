@@ -90,7 +90,7 @@ def _tensorboard_writer(log_dir: Path, start_step: int):
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the records of ``path`` up to ``last_step`` (dropping unparseable lines), rewritten
-    atomically: a crash here leaves the old file or the new one, never a mix."""
+    atomically as strict JSON: a crash here leaves the old file or the new one, never a mix."""
     kept = []
     for line in path.read_text().splitlines():
         try:
@@ -98,6 +98,6 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         except ValueError:  # the last line of a run killed mid-write
             continue
         step = record.get("step", record.get("summary", {}).get("steps", 0)) if isinstance(record, dict) else None
-        if isinstance(step, int) and step <= last_step:
-            kept.append(line + "\n")
+        if isinstance(step, int) and step <= last_step:  # NaN an older version wrote becomes null
+            kept.append(json.dumps(_finite(record), allow_nan=False) + "\n")
     write_text(path, "".join(kept))
