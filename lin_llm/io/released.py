@@ -321,7 +321,7 @@ def _torch_tensor(values: np.ndarray):
     torch = _torch()
     if values.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(values))
+    return torch.from_numpy(np.array(values))  # a writable copy
 
 
 def released_tensors(cfg: ModelConfig, flat) -> dict[str, np.ndarray]:
