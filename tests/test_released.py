@@ -94,8 +94,9 @@ def _released_state(seed, conv=True, alpha=True):
     return {name: value.half() for name, value in state.items()}
 
 
-def write_released(out, state, config=CONFIG):
-    """`state` as the released model directory: two .bin shards, their index, config, added token."""
+def write_released(out, state, config=CONFIG, legacy=False):
+    """`state` as the released model directory: two .bin shards, their index, config, added token
+    (legacy: in torch.save's pre-1.6 format, which cannot be memory-mapped)."""
     out.mkdir(parents=True)
     names = list(state)
     first = [n for n in names if n.startswith(("model.embed_tokens", "model.layers.0."))]
@@ -103,7 +104,7 @@ def write_released(out, state, config=CONFIG):
               "pytorch_model-00002-of-00002.bin": [n for n in names if n not in first]}
     weight_map = {}
     for file, shard in shards.items():
-        torch.save({n: state[n] for n in shard}, out / file)
+        torch.save({n: state[n] for n in shard}, out / file, _use_new_zipfile_serialization=not legacy)
         weight_map.update({n: file for n in shard})
     total = sum(v.numel() * v.element_size() for v in state.values())
     (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": total},
@@ -183,9 +184,9 @@ def test_released_model_and_heads_equal_the_original(released):
 @pytest.mark.parametrize("kind", ["local_global", "softmax"])
 def test_other_released_layers_equal_the_original(kind, tmp_path):
     """global_factor alone is the original's USE_GLOBAL + GLOBAL_FACTOR run (local_global); no extra
-    tensor at all, a plain LLaMA in PyTorch shards (softmax)."""
+    tensor at all, a plain LLaMA in PyTorch shards (softmax; here in torch's legacy format)."""
     state = _released_state(seed=2, conv=False, alpha=kind == "local_global")
-    model_dir = write_released(tmp_path / kind, state)
+    model_dir = write_released(tmp_path / kind, state, legacy=kind == "softmax")
     assert convert.main(["--hf-dir", str(model_dir), "--out", str(tmp_path / "out")]) == 0
     model = load_checkpoint(tmp_path / "out")
     assert model.cfg.attention == kind

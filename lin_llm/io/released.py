@@ -103,6 +103,15 @@ def _safetensors_values(path: Path, name: str) -> np.ndarray:
     return values.astype(np.float32) if values.dtype == np.float16 else values
 
 
+def _torch_load(torch, path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap can only be used" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # torch.save's pre-1.6 format: read whole
+
+
 def file_sources(path: Path) -> dict[str, Source]:
     """The tensors of one weights file: safetensors by its suffix, else PyTorch (torch.load with
     weights_only=True and mmap, so values are read only when loaded)."""
@@ -113,7 +122,7 @@ def file_sources(path: Path) -> dict[str, Source]:
                                  functools.partial(_safetensors_values, path, name)) for name, s in slices.items()}
     torch = _torch()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = _torch_load(torch, path)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
         detail = " ".join(str(err).split())[:200]
         raise CheckpointError(
