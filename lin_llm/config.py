@@ -103,6 +103,9 @@ class ModelConfig:
     eos_id: int | None = None
     # extra heads predicting tokens t+2 .. t+1+medusa_heads (Medusa decoding)
     medusa_heads: int = spec(0, check="non_negative", linearize=True)
+    # each Medusa head with its own output projection [dim, V] (the original Medusa's, as in the authors'
+    # released medusa_lm_head.pt) instead of the model's shared lm_head
+    medusa_own_lm_head: bool = False
 
     @property
     def resolved_head_dim(self) -> int:
@@ -409,6 +412,11 @@ def validate_model(m: ModelConfig) -> None:
         m.la.conv_kernel_size >= 1 and m.la.conv_kernel_size % 2 == 1,
         f"model.la.conv_kernel_size={m.la.conv_kernel_size} must be a positive odd number "
         "(the future half of a centred kernel is masked)",
+    )
+    _require(
+        m.medusa_heads > 0 or not m.medusa_own_lm_head,
+        "model.medusa_own_lm_head=true gives each Medusa head its own output projection, but model.medusa_heads=0; "
+        "set model.medusa_heads > 0 or model.medusa_own_lm_head=false",
     )
     for name in ("bos_id", "eos_id"):
         tok = getattr(m, name)

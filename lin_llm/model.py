@@ -3,7 +3,8 @@
 Parameter layout (NNX state paths), the contract of convert.py and sharding.py:
   embed.embedding [V, dim]; layers[i].attn_norm.scale; layers[i].attn.{wq,wk,wv,wo}.kernel [in, out];
   layers[i].mlp_norm.scale; layers[i].mlp.{w_gate,w_up,w_down}.kernel; norm.scale;
-  lm_head.kernel [dim, V] (absent with tied embeddings).
+  lm_head.kernel [dim, V] (absent with tied embeddings); medusa[i].{kernel [dim, dim], bias [dim]}
+  and, with model.medusa_own_lm_head, medusa[i].lm_head.kernel [dim, V].
 """
 
 from __future__ import annotations
@@ -190,6 +191,21 @@ class Block(nnx.Module):
         return self.finish(x, h), pending
 
 
+class MedusaHead(nnx.Linear):
+    """Medusa head i: the final hidden h -> h + silu(W_i h + b_i) (the original's ResBlock), then an
+    output projection to predict the token i + 2 places ahead: the model's shared one, or with
+    model.medusa_own_lm_head its own ``lm_head`` (the original Medusa's). W_i, b_i start at zero, so
+    a new head with the shared projection starts as a copy of the model's own next-token head."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        super().__init__(cfg.dim, cfg.dim, kernel_init=nnx.initializers.zeros, rngs=rngs, **_dtypes(cfg))
+        own = cfg.medusa_own_lm_head
+        self.lm_head = _linear(cfg, rngs, cfg.dim, cfg.vocab_size, preferred_element_type=jnp.float32) if own else None
+
+    def features(self, hidden: jax.Array) -> jax.Array:
+        return hidden + jax.nn.silu(self(hidden))
+
+
 class LlamaModel(nnx.Module):
     """``model(ids)`` -> fp32 logits [B, T, V]; explicit-state decoding with ``init_state``,
     ``prefill``, ``step``, and ``verify`` + ``commit`` for speculative decoding."""
@@ -204,15 +220,7 @@ class LlamaModel(nnx.Module):
         self.lm_head = (
             None if cfg.tie_embeddings else _linear(cfg, rngs, cfg.dim, cfg.vocab_size, preferred_element_type=jnp.float32)
         )
-        # Medusa: head i maps the final hidden h to h + silu(W_i h + b_i), then through the shared
-        # output projection, to predict the token i + 2 places ahead. Zero-initialised, so each
-        # head starts as a copy of the model's own next-token head.
-        self.medusa = nnx.List(
-            [
-                nnx.Linear(cfg.dim, cfg.dim, kernel_init=nnx.initializers.zeros, rngs=rngs, **_dtypes(cfg))
-                for _ in range(cfg.medusa_heads)
-            ]
-        )
+        self.medusa = nnx.List([MedusaHead(cfg, rngs) for _ in range(cfg.medusa_heads)])
 
     def logits(self, h):
         """fp32 logits [..., V] of final (normalised) hidden states: lm_head, or the tied embedding."""
@@ -223,7 +231,11 @@ class LlamaModel(nnx.Module):
     def medusa_logits(self, hidden: jax.Array) -> jax.Array:
         """Logits [B, T, medusa_heads, V] of the Medusa heads from final hidden states [B, T, dim]
         (as returned with ``return_hidden=True``): head i predicts position t + i + 2."""
-        return jnp.stack([self.logits(hidden + jax.nn.silu(head(hidden))) for head in self.medusa], axis=2)
+        logits = []
+        for head in self.medusa:
+            h = head.features(hidden)
+            logits.append(self.logits(h) if head.lm_head is None else head.lm_head(h).astype(jnp.float32))
+        return jnp.stack(logits, axis=2)
 
     def hidden(self, input_ids: jax.Array, *, remat: bool = False, constrain=None) -> jax.Array:
         """Final (normalised) hidden states [B, T, dim] of a whole sequence.

@@ -36,7 +36,9 @@ def _refused(hf_dir, out, match):
 def test_directory_without_weights(hf_copy, tmp_path):
     (hf_copy / "model.safetensors").unlink()
     (hf_copy / "pytorch_model.bin").write_bytes(b"")
-    _refused(hf_copy, tmp_path / "out", r"no weights in .*model\.safetensors.*pytorch_model\.bin.*safe_serialization")
+    # (python -m lin_llm.convert reads PyTorch weights through lin_llm.io.released; lin_llm.io.hf reads safetensors)
+    _refused(hf_copy, tmp_path / "out", r"no weights in .*model\.safetensors.*pytorch_model\.bin.*python -m lin_llm.convert"
+                                        r".*found pytorch_model\.bin")
 
 
 def test_mixture_of_experts_architecture(hf_copy, tmp_path):

@@ -66,7 +66,7 @@ def test_a_hybrid_checkpoint_round_trips_and_refuses_what_does_not_fit(softmax_c
     with pytest.raises(CheckpointError, match=message):
         export_to_hf(tmp_path / "hybrid", tmp_path / "hf")
     assert convert.main(["--to-hf", "--checkpoint", str(tmp_path / "hybrid"), "--out", str(tmp_path / "hf")]) == 2
-    assert "only a softmax model exports to Hugging Face" in capsys.readouterr().err
+    assert "a hybrid: the released layout, like the original code, linearises every layer" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
     check_exportable(load_checkpoint(path).cfg)  # the softmax model itself exports
 

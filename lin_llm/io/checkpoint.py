@@ -38,6 +38,7 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
+    "added_tokens.json",  # tokens added past a SentencePiece vocabulary (e.g. the released models' [PAD])
 )
 
 

@@ -8,10 +8,11 @@ ml_dtypes).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
+from typing import Callable
 
-import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -26,7 +27,6 @@ from lin_llm.model import flat_params, param_shapes
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float32"}  # fp16 widens losslessly
-NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 # Buffers some old exports carry; they are recomputed from the config.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -176,7 +176,7 @@ def model_config_to_hf(cfg: ModelConfig) -> dict:
 
 
 @contextlib.contextmanager
-def _safetensors(path: Path):
+def open_safetensors(path: Path):
     """safe_open(path), refusing a truncated or damaged file (what an interrupted download leaves)."""
     try:
         handle = safe_open(path, framework="numpy")
@@ -200,47 +200,56 @@ def read_json(path: Path) -> dict:
     return value
 
 
-def _weight_files(hf_dir: Path) -> dict[str, Path]:
+def read_weight_map(index: Path, hf_dir: Path) -> dict[str, Path]:
+    """Tensor name -> shard file of a sharded checkpoint's index (safetensors' or PyTorch's)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} has no 'weight_map'")
+    for shard in sorted(set(weight_map.values())):
+        if not (hf_dir / shard).is_file():
+            raise CheckpointError(f"{index} lists shard {shard}, which is missing from {hf_dir}")
+    return {name: hf_dir / shard for name, shard in weight_map.items()}
+
+
+def weight_files(hf_dir: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it."""
     index = hf_dir / "model.safetensors.index.json"
     single = hf_dir / "model.safetensors"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no 'weight_map'")
-        for shard in sorted(set(weight_map.values())):
-            if not (hf_dir / shard).is_file():
-                raise CheckpointError(f"{index} lists shard {shard}, which is missing from {hf_dir}")
-        return {name: hf_dir / shard for name, shard in weight_map.items()}
+        return read_weight_map(index, hf_dir)
     if single.is_file():
-        with _safetensors(single) as f:
+        with open_safetensors(single) as f:
             return {name: single for name in f.keys()}
     found = sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
-    hint = f" (found {', '.join(found)}: re-save with save_pretrained(..., safe_serialization=True))" if found else ""
-    raise CheckpointError(f"no weights in {hf_dir}: expected model.safetensors or model.safetensors.index.json{hint}")
+    raise CheckpointError(
+        f"no weights in {hf_dir}: expected model.safetensors or model.safetensors.index.json, or PyTorch's "
+        "pytorch_model.bin or pytorch_model.bin.index.json (read with torch by python -m lin_llm.convert)"
+        + (f"; found {', '.join(found)}" if found else "")
+    )
 
 
-def _plan(hf_dir: Path) -> tuple[ModelConfig, dict[str, LazyTensor]]:
-    """Validate a HF directory completely (config, names, shapes) without reading tensor data: our
-    flat params, each read (in our layout, fp16 widened) only when its ``load()`` is called."""
+def read_hf_config(hf_dir: Path) -> dict:
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{hf_dir} has no config.json; is it a Hugging Face model directory?")
-    hf = read_json(config_file)
-    files = _weight_files(hf_dir)
-    headers = {}
-    for path in sorted(set(files.values())):
-        with _safetensors(path) as f:
-            for name in f.keys():
-                tensor = f.get_slice(name)
-                headers[name] = (tuple(tensor.get_shape()), tensor.get_dtype(), path.name)
+    return read_json(config_file)
+
+
+def model_config_for(hf_dir: Path, hf: dict, headers: dict[str, tuple]) -> ModelConfig:
+    """The ModelConfig of config.json ``hf``, its dtype that of the embedding in ``headers``
+    ({HF tensor name: (shape, safetensors dtype name, file name)})."""
     embed = headers.get("model.embed_tokens.weight")
     if embed is None:
         raise CheckpointError(f"{hf_dir}: tensor model.embed_tokens.weight is missing")
     if embed[1] not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{hf_dir}: dtype {embed[1]} is not supported (F32, BF16, F16)")
-    cfg = model_config_from_hf(hf, SAFETENSORS_DTYPES[embed[1]])
-    plan = {}
+    return model_config_from_hf(hf, SAFETENSORS_DTYPES[embed[1]])
+
+
+def check_llama_tensors(hf_dir: Path, cfg: ModelConfig, headers: dict[str, tuple]) -> dict[str, tuple[str, bool]]:
+    """Our LLaMA param -> (its HF tensor, transposed?), once ``headers`` is checked to hold each
+    tensor of cfg's LLaMA with its shape and a supported dtype."""
+    found = {}
     for theirs, (ours, transposed, want) in hf_layout(cfg).items():
         if theirs not in headers:
             raise CheckpointError(f"{hf_dir}: tensor {theirs} is missing (needed for {ours})")
@@ -249,54 +258,166 @@ def _plan(hf_dir: Path) -> tuple[ModelConfig, dict[str, LazyTensor]]:
             raise CheckpointError(f"{hf_dir}/{file}: tensor {theirs} has shape {list(shape)}, config.json implies {list(want)}")
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{hf_dir}/{file}: tensor {theirs} has dtype {dtype} (supported: F32, BF16, F16)")
-        plan[ours] = _lazy_tensor(files[theirs], theirs, transposed, shape[::-1] if transposed else shape, dtype)
-    tolerated = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    used = {theirs for theirs, _ in hf_names(cfg).values()} | tolerated
-    refuse_unexpected(hf_dir, [name for name in headers if name not in used and not name.endswith(IGNORED_SUFFIXES)])
-    return cfg, plan
+        found[ours] = (theirs, transposed)
+    return found
 
 
-def _lazy_tensor(path: Path, name: str, transposed: bool, shape: tuple[int, ...], dtype: str) -> LazyTensor:
+def non_llama_tensors(cfg: ModelConfig, names) -> list[str]:
+    """The tensor names that are not part of cfg's LLaMA (nor a buffer recomputed from the config)."""
+    used = {theirs for theirs, _ in hf_names(cfg).values()} | ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    return [name for name in names if name not in used and not name.endswith(IGNORED_SUFFIXES)]
+
+
+def _plan(hf_dir: Path) -> tuple[ModelConfig, dict[str, tuple[str, bool, Path]]]:
+    """Validate a HF directory completely (config, names, shapes) without reading tensor data."""
+    hf = read_hf_config(hf_dir)
+    files = weight_files(hf_dir)
+    headers = {}
+    for path in sorted(set(files.values())):
+        with open_safetensors(path) as f:
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                headers[name] = (tuple(tensor.get_shape()), tensor.get_dtype(), path.name)
+    cfg = model_config_for(hf_dir, hf, headers)
+    found = check_llama_tensors(hf_dir, cfg, headers)
+    refuse_unexpected(hf_dir, non_llama_tensors(cfg, headers))
+    return cfg, {ours: (theirs, transposed, files[theirs]) for ours, (theirs, transposed) in found.items()}
+
+
+def hf_loaders(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, Callable[[], np.ndarray]]]:
+    """Config and, per param of ours, a reader of its values (our layout, fp16 widened) from a HF
+    directory validated completely first; each tensor is read only when its reader is called."""
+    cfg, plan = _plan(Path(hf_dir))
+    return cfg, {ours: _loader(path, theirs, transposed) for ours, (theirs, transposed, path) in plan.items()}
+
+
+def _loader(path: Path, name: str, transposed: bool) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        with _safetensors(path) as f:
+        with open_safetensors(path) as f:
             values = f.get_tensor(name)
         values = values.astype(np.float32) if values.dtype == np.float16 else values
         return np.ascontiguousarray(values.T) if transposed else values
 
-    return LazyTensor(shape, NUMPY_DTYPES[SAFETENSORS_DTYPES[dtype]], load)
+    return load
 
 
 def read_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Config and our flat params from a HF directory, read one tensor at a time."""
-    cfg, tensors = _plan(Path(hf_dir))
-    return cfg, {name: tensor.load() for name, tensor in tensors.items()}
+    cfg, loaders = hf_loaders(hf_dir)
+    return cfg, {name: load() for name, load in loaders.items()}
+
+
+def lazy_params(cfg: ModelConfig, loaders: dict[str, Callable[[], np.ndarray]]) -> dict[str, LazyTensor]:
+    """The params of cfg's model that ``loaders`` read, as LazyTensors in the config's param dtypes
+    (written one at a time by write_model_dir)."""
+    shapes = param_shapes(cfg)
+    return {name: LazyTensor(tuple(shapes[name].shape), np.dtype(shapes[name].dtype),
+                             lambda load=load, dtype=np.dtype(shapes[name].dtype): np.asarray(load(), dtype))
+            for name, load in loaders.items()}
 
 
 def convert_hf_to_checkpoint(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> ModelConfig:
     """Write the HF LLaMA directory ``hf_dir`` as a lin_llm checkpoint at ``out``, one tensor in memory at a time."""
     hf_dir = require_model_directory(hf_dir, "--hf-dir")
-    cfg, tensors = _plan(hf_dir)  # validates everything before `out` is touched
+    cfg, loaders = hf_loaders(hf_dir)  # validates everything before `out` is touched
     with atomic_directory(out, overwrite, sources=(hf_dir,)) as tmp:
-        write_model_dir(tmp, cfg, tensors, hf_dir)
+        write_model_dir(tmp, cfg, lazy_params(cfg, loaders), hf_dir)
     return cfg
 
 
 # --------------------------------------------------------------------------- ours -> HF
 
 
-def check_exportable(cfg: ModelConfig) -> None:
-    """Refuse a model that a Hugging Face LLaMA cannot hold, before anything is written: one with
-    linear attention in any layer (a linearised or hybrid model), whose conv, mixing weights and
-    feature maps have no place there and would be silently dropped."""
+# The authors' released layout (lin_llm/io/released.py): a LLaMA's tensors plus, in every layer, the
+# original's dwconv (63 taps per head), alpha (global_factor) and, with model.la.learn_lambda, lambda
+# (local_factor); Medusa heads each with its own output projection (medusa_lm_head.pt). It holds these
+# presets as the original computes them with its fixed settings (GROUP_SIZE, the kernel, relu^2):
+RELEASED_PRESETS = ("aug", "local_global")
+RELEASED_LA = {"group_size": 64, "conv_kernel_size": 63, "conv_per_channel": False, "local_kernel": "relu2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """What --to-hf writes: layout "hf" (a plain Hugging Face LLaMA) or "released" (the authors'
+    released layout); ``dropped`` says what a --softmax-only export leaves out ("" when nothing)."""
+
+    layout: str
+    dropped: str = ""
+
+
+def _non_llama_parts(cfg: ModelConfig) -> list[str]:
+    """What a model of cfg has beyond a plain LLaMA, in words."""
+    parts = []
     if cfg.linear_layers:
         kept = f"; softmax in layers {list(cfg.softmax_layers)}" if cfg.softmax_layers else ""
-        raise CheckpointError(
-            f"the checkpoint has linear attention (model.attention={cfg.attention!r}) in layers "
-            f"{list(cfg.linear_layers)}{kept}: a Hugging Face LLaMA has softmax attention in every layer, so its "
-            "linear-attention params would be lost and its outputs would change. Keep it as a lin_llm checkpoint "
-            "(load_checkpoint and decode.py read it); only a softmax model exports to Hugging Face"
-        )
+        parts.append(f"linear attention (model.attention={cfg.attention!r}) in layers {list(cfg.linear_layers)}{kept}")
+    if cfg.medusa_heads:
+        projection = "each with its own output projection" if cfg.medusa_own_lm_head else "sharing the model's lm_head"
+        parts.append(f"{cfg.medusa_heads} Medusa heads {projection}")
+    return parts
 
+
+def _unreleasable(cfg: ModelConfig) -> list[str]:
+    """Why the released layout cannot hold the model of cfg (empty: it can)."""
+    problems = []
+    if cfg.linear_layers and cfg.softmax_layers:
+        problems.append("a hybrid: the released layout, like the original code, linearises every layer")
+    if cfg.linear_layers and cfg.attention not in RELEASED_PRESETS:
+        problems.append(f"the released layout holds the presets {', '.join(RELEASED_PRESETS)} only")
+    if cfg.linear_layers:
+        problems += [f"model.la.{key}={getattr(cfg.la, key)!r}, where the original fixes {value!r}"
+                     for key, value in RELEASED_LA.items() if getattr(cfg.la, key) != value]
+    if cfg.medusa_heads and not cfg.medusa_own_lm_head:
+        problems.append("shared-projection Medusa heads (model.medusa_own_lm_head=false): the released "
+                        "medusa_lm_head.pt gives each head its own output projection")
+    return problems
+
+
+def check_exportable(cfg: ModelConfig, softmax_only: bool = False) -> ExportPlan:
+    """The one decision of what --to-hf writes for a model of cfg, taken before anything is written.
+
+    A softmax model without Medusa heads: a plain Hugging Face LLaMA. An aug or local_global model
+    (every layer, the original's settings) and/or Medusa heads with their own projections: the
+    authors' released layout. Anything else is refused, naming what would be lost, unless
+    ``softmax_only``: then the LLaMA weights alone, and ``dropped`` names what is left out.
+    """
+    parts = _non_llama_parts(cfg)
+    if softmax_only:
+        return ExportPlan("hf", "; ".join(parts))
+    problems = _unreleasable(cfg)
+    if problems:
+        raise CheckpointError(
+            f"the checkpoint has {' and '.join(parts)}: {'; '.join(problems)}. A Hugging Face LLaMA has softmax "
+            "attention in every layer and no Medusa heads, so these params would be lost and its outputs would "
+            "change. Keep it as a lin_llm checkpoint (load_checkpoint and decode.py read it), or pass "
+            "--softmax-only to export its LLaMA weights alone"
+        )
+    return ExportPlan("released" if parts else "hf")
+
+
+def llama_tensors(cfg: ModelConfig, flat) -> dict[str, np.ndarray]:
+    """The LLaMA tensors of our flat params by their HF names, in the HF layout."""
+    tensors = {}
+    for ours, (theirs, transposed) in hf_names(cfg).items():
+        value = np.asarray(flat[ours])
+        tensors[theirs] = np.ascontiguousarray(value.T) if transposed else value
+    return tensors
+
+
+def write_hf_files(directory: Path, config: dict, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
+    """config.json and the tensors as safetensors (sharded with an index past max_shard_bytes)."""
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
@@ -312,30 +433,21 @@ def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np
 
 
 def export_to_hf(
-    checkpoint: str | Path, out: str | Path, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES
-) -> None:
-    """Write a HF LLaMA directory (config.json, safetensors, tokenizer files) from our checkpoint."""
+    checkpoint: str | Path, out: str | Path, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    softmax_only: bool = False,
+) -> ExportPlan:
+    """Write a plain HF LLaMA directory (config.json, safetensors, tokenizer files) from our checkpoint
+    (with ``softmax_only``, from the LLaMA weights of any checkpoint: see check_exportable)."""
     checkpoint = Path(checkpoint).absolute()
     cfg = read_model_config(checkpoint)
-    check_exportable(cfg)
-    model = load_model_dir(checkpoint, cfg)
-    flat = flat_params(model)
-    tensors = {}
-    for ours, (theirs, transposed) in hf_names(cfg).items():
-        value = np.asarray(flat[ours])
-        tensors[theirs] = np.ascontiguousarray(value.T) if transposed else value
+    plan = check_exportable(cfg, softmax_only)
+    if plan.layout != "hf":
+        raise CheckpointError(
+            f"{checkpoint} exports to the authors' released layout (its params beyond a LLaMA's have a place "
+            "there): use lin_llm.io.released.export_checkpoint, which python -m lin_llm.convert --to-hf calls"
+        )
+    flat = flat_params(load_model_dir(checkpoint, cfg))
     with atomic_directory(out, overwrite, sources=(checkpoint,)) as tmp:
-        (tmp / "config.json").write_text(json.dumps(model_config_to_hf(cfg), indent=2))
-        shards = _shards(tensors, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / file, metadata={"format": "pt"})
-                weight_map.update({name: file for name in shard})
-            total = sum(t.nbytes for t in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_hf_files(tmp, model_config_to_hf(cfg), llama_tensors(cfg, flat), max_shard_bytes)
         copy_tokenizer_files(checkpoint, tmp)
+    return plan
