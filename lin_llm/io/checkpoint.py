@@ -179,7 +179,7 @@ def _read_orbax(params_dir: Path, read):
     try:
         return read()
     except (ValueError, OSError, KeyError, TypeError, AttributeError) as err:
-        _drop_closed_loop_reports()
+        drop_closed_loop_reports()
         detail = " ".join(str(err).split())[:300]
         raise CheckpointError(f"{params_dir} cannot be read ({type(err).__name__}: {detail}): {DAMAGED}") from None
     finally:
@@ -188,7 +188,7 @@ def _read_orbax(params_dir: Path, read):
             logger.setLevel(level)
 
 
-def _drop_closed_loop_reports() -> None:
+def drop_closed_loop_reports() -> None:
     """The reads orbax abandoned finish later in tensorstore's threads and report "Event loop is
     closed" (their loop is gone) through sys.unraisablehook: drop those reports, pass on the rest."""
     previous = sys.unraisablehook

@@ -146,6 +146,7 @@ class CheckpointStore:
 
 def _reason(err: Exception) -> str:
     """The innermost cause of a restore error, in one line short enough for a message."""
+    ckpt.drop_closed_loop_reports()  # the reads orbax abandoned report later, from tensorstore's threads
     while err.__cause__ is not None:
         err = err.__cause__
     text = str(err).split(" See full TensorStore details")[0].strip()
