@@ -69,10 +69,11 @@ def real(args, work: Path) -> dict:
     teacher = pipeline.converted(Path(args.gguf) if args.gguf else pipeline.smollm2_gguf(), work / "teacher")
     text = pipeline.heldout_text(pipeline.stage_config("smollm2.yaml"), work / "heldout.txt")
     protocol = pipeline.Protocol(text, max_tokens=args.eval_tokens)
+    measure = lambda path, overrides=(): pipeline.measure(path, protocol, overrides, progress=not args.no_progress)
     _stage(f"2/6 the teacher on {args.eval_tokens} held-out tokens ({protocol.command(str(teacher))})")
-    teacher_ppl = _ppl("softmax teacher", pipeline.measure(teacher, protocol))
+    teacher_ppl = _ppl("softmax teacher", measure(teacher))
     _stage(f"3/6 linearising with `{args.preset}` (the new parameters at their initial values)")
-    zero_shot = _ppl(f"{args.preset}, zero-shot", pipeline.measure(teacher, protocol, [f"attention={args.preset}"]))
+    zero_shot = _ppl(f"{args.preset}, zero-shot", measure(teacher, [f"attention={args.preset}"]))
     recipe = pipeline.Recipe(transfer_overrides=(f"train.distill_steps={args.transfer_steps}",),
                              lora_overrides=(f"train.steps={args.lora_steps}",))
     transfer_cfg, lora_cfg = recipe.configs(teacher, args.preset, work / args.preset)
@@ -81,8 +82,8 @@ def real(args, work: Path) -> dict:
     transfer_dir, lora_dir = pipeline.linearize(teacher, args.preset, work / args.preset, recipe,
                                                 progress=not args.no_progress)
     _stage("5/6 the linearised model; training the speculative draft")
-    transferred = _ppl(f"{args.preset}, after attention transfer", pipeline.measure(transfer_dir, protocol))
-    linearized = _ppl(f"{args.preset}, after LoRA", pipeline.measure(lora_dir, protocol))
+    transferred = _ppl(f"{args.preset}, after attention transfer", measure(transfer_dir))
+    linearized = _ppl(f"{args.preset}, after LoRA", measure(lora_dir))
     draft_cfg = pipeline.stage_config("smollm2-draft.yaml", [f"train.tokenizer={teacher}", f"train.steps={args.draft_steps}",
                                                              f"train.output_dir={work / 'draft'}"])
     draft_dir = pipeline.trained(draft_cfg, progress=not args.no_progress)
@@ -113,7 +114,8 @@ def tiny(args, work: Path) -> dict:
     draft = pipeline.trained(pipeline.stage_config("draft.yaml", [f"train.output_dir={work / 'draft'}"]))
     text = pipeline.heldout_text(pipeline.stage_config("small.yaml"), work / "heldout.txt")
     protocol = pipeline.Protocol(text, seq_len=512, max_tokens=args.eval_tokens)
-    ppl = {name: _ppl(name, pipeline.measure(path, protocol, overrides))
+    measure = lambda path, overrides=(): pipeline.measure(path, protocol, overrides, progress=not args.no_progress)
+    ppl = {name: _ppl(name, measure(path, overrides))
            for name, path, overrides in (("softmax", softmax, ()), ("aug, zero-shot", softmax, ["attention=aug"]),
                                          ("aug, fine-tuned", aug, ()), ("draft", draft, ()))}
     _stage("4/4 decoding with the linearised model")

@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--attention", default="aug", help="the linear layers' preset")
     parser.add_argument("--counts", type=int, nargs="+", default=[2, 5, 10], help="softmax layers kept (of 30)")
+    parser.add_argument("--rules", nargs="+", choices=("every", "highest"), default=["every", "highest"],
+                        help="how the softmax layers are chosen: every k-th layer, the highest transfer loss")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "hybrid")
     parser.add_argument("--transfer-steps", type=int, default=30, help="attention-transfer steps (4 x 512 tokens)")
     parser.add_argument("--lora-steps", type=int, default=8, help="LoRA steps (4 x 512 tokens)")
@@ -135,10 +137,12 @@ def main(argv=None) -> int:
                              lora_overrides=(f"train.steps={args.lora_steps}", "train.val_batches=1"))
     hybrids = {"linear-0": _hybrid(args, teacher, protocol, recipe, "linear-0", [])}
     losses = layer_choice.recorded_transfer_losses(args.work / "linear-0" / "transfer")
+    choose = {"every": lambda count: every_k_layers(count),
+              "highest": lambda count: layer_choice.highest_transfer_loss(losses, count)}
     for count in args.counts:
-        hybrids[f"every-{count}"] = _hybrid(args, teacher, protocol, recipe, f"every-{count}", every_k_layers(count))
-        highest = layer_choice.highest_transfer_loss(losses, count)
-        hybrids[f"highest-{count}"] = _hybrid(args, teacher, protocol, recipe, f"highest-{count}", highest)
+        for rule in args.rules:
+            name = f"{rule}-{count}"
+            hybrids[name] = _hybrid(args, teacher, protocol, recipe, name, choose[rule](count))
     result = {
         "protocol": {"command": protocol.command("MODEL"), "max_tokens": args.max_tokens, "passkey_contexts": [512, 1024, 2048],
                      "passkey_trials": args.trials, "decode_contexts": args.contexts, "decode_steps": args.decode_steps},
