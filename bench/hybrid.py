@@ -19,21 +19,12 @@ import json
 import sys
 from pathlib import Path
 
-from lin_llm import evaluation, layer_choice, pipeline
-from lin_llm.benchmarking import latency_at_contexts, write_result
+from lin_llm import layer_choice, pipeline
+from lin_llm.benchmarking import cached_result, latency_at_contexts, write_result
 from lin_llm.io.load import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 N_LAYERS = 30
-
-
-def _cached(path: Path, compute) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    return result
 
 
 def every_k_layers(count: int) -> list[int]:
@@ -51,7 +42,7 @@ def _measure(args, model_dir: Path, protocol: pipeline.Protocol, work: Path) -> 
         return {"perplexity": quality["perplexity"], "passkey": quality["passkey"],
                 "ms_per_token": {str(c): 1e3 * s for c, s in seconds.items()}}
 
-    return _cached(work / "results.json", compute)
+    return cached_result(work / "results.json", compute)
 
 
 def _hybrid(args, teacher: Path, protocol, recipe, name: str, layers: list[int]) -> dict:
@@ -128,10 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
 
-    teacher = pipeline.converted(pipeline.smollm2_gguf(), args.work / "teacher")
-    text = pipeline.heldout_text(pipeline.stage_config("smollm2.yaml"), args.work / "heldout.txt")
-    protocol = pipeline.Protocol(text, max_tokens=args.max_tokens,
-                                 passkey=evaluation.PasskeyRequest((512, 1024, 2048), trials=args.trials))
+    teacher, protocol = pipeline.smollm2_teacher(args.work, args.max_tokens, args.trials)
     # one validation batch per stage: the held-out measurement below is what the table reports
     recipe = pipeline.Recipe(transfer_overrides=(f"train.distill_steps={args.transfer_steps}", "train.val_batches=1"),
                              lora_overrides=(f"train.steps={args.lora_steps}", "train.val_batches=1"))

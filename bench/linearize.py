@@ -19,20 +19,11 @@ import json
 import sys
 from pathlib import Path
 
-from lin_llm import evaluation, pipeline
-from lin_llm.benchmarking import write_result
+from lin_llm import pipeline
+from lin_llm.benchmarking import cached_result, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ("aug", "local_global", "hedgehog", "hedgehog+conv", "elu+conv", "lolcats")
-
-
-def _cached(path: Path, compute) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    return result
 
 
 def _recipe(args) -> pipeline.Recipe:
@@ -44,10 +35,10 @@ def _recipe(args) -> pipeline.Recipe:
 
 def _preset(args, name: str, teacher: Path, protocol: pipeline.Protocol, recipe: pipeline.Recipe) -> dict:
     work = args.work / name.replace("+", "_")
-    zero_shot = _cached(work / "zero_shot.json", lambda: pipeline.measure(teacher, protocol, [f"attention={name}"]))
+    zero_shot = cached_result(work / "zero_shot.json", lambda: pipeline.measure(teacher, protocol, [f"attention={name}"]))
     transfer_dir, lora_dir = pipeline.linearize(teacher, name, work, recipe)
-    after_transfer = _cached(work / "transfer.json", lambda: pipeline.measure(transfer_dir, protocol))
-    after_lora = _cached(work / "lora.json", lambda: pipeline.measure(lora_dir, protocol, passkey=True))
+    after_transfer = cached_result(work / "transfer.json", lambda: pipeline.measure(transfer_dir, protocol))
+    after_lora = cached_result(work / "lora.json", lambda: pipeline.measure(lora_dir, protocol, passkey=True))
     transfer_cfg, lora_cfg = recipe.configs(teacher, name, work)
     return {"zero_shot_ppl": zero_shot["perplexity"], "transfer_ppl": after_transfer["perplexity"],
             "lora_ppl": after_lora["perplexity"], "passkey": after_lora["passkey"],
@@ -57,7 +48,7 @@ def _preset(args, name: str, teacher: Path, protocol: pipeline.Protocol, recipe:
 def _softmax_control(args, teacher: Path, protocol: pipeline.Protocol) -> dict:
     cfg = pipeline.stage_config("smollm2.yaml", [f"train.init_from={teacher}", f"train.steps={args.lora_steps}",
                                                  f"train.output_dir={args.work / 'softmax-lora'}", *args.lora_override])
-    result = _cached(args.work / "softmax-lora" / "results.json",
+    result = cached_result(args.work / "softmax-lora" / "results.json",
                      lambda: pipeline.measure(pipeline.trained(cfg), protocol, passkey=True))
     return {"lora_ppl": result["perplexity"], "passkey": result["passkey"]}
 
@@ -120,16 +111,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
 
-    teacher = pipeline.converted(pipeline.smollm2_gguf(), args.work / "teacher")
-    text = pipeline.heldout_text(pipeline.stage_config("smollm2.yaml"), args.work / "heldout.txt")
-    protocol = pipeline.Protocol(text, max_tokens=args.max_tokens,
-                                 passkey=evaluation.PasskeyRequest((512, 1024, 2048), trials=args.trials))
+    teacher, protocol = pipeline.smollm2_teacher(args.work, args.max_tokens, args.trials)
     recipe = _recipe(args)
     result = {
         "protocol": {"command": protocol.command("MODEL"), "seq_len": protocol.seq_len, "max_tokens": args.max_tokens,
                      "passkey_trials": args.trials},
         "recipe": {"transfer": [recipe.transfer, *recipe.transfer_overrides], "lora": [recipe.lora, *recipe.lora_overrides]},
-        "teacher": _cached(args.work / "teacher-results.json", lambda: pipeline.measure(teacher, protocol, passkey=True)),
+        "teacher": cached_result(args.work / "teacher-results.json", lambda: pipeline.measure(teacher, protocol, passkey=True)),
         "softmax_lora": _softmax_control(args, teacher, protocol),
         "presets": {name: _preset(args, name, teacher, protocol, recipe) for name in args.presets},
     }

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from lin_llm.decoding import generate, medusa_generate, speculative_generate
+from lin_llm.io.atomic import write_text
 
 CONTEXTS = (256, 2048, 16384)
 
@@ -28,6 +29,18 @@ def write_result(result: dict, out_dir, name: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     return out
+
+
+def cached_result(path, compute) -> dict:
+    """The JSON result at ``path``, or ``compute()`` saved there (atomically): a long benchmark
+    rerun measures only what is missing."""
+    path = Path(path)
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(result, indent=1))
+    return result
 
 
 def timed(fn, repeats: int = 3):

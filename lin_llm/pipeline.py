@@ -104,6 +104,15 @@ class Protocol:
         return " ".join(parts)
 
 
+def smollm2_teacher(work: Path, max_tokens: int, passkey_trials: int) -> tuple[Path, Protocol]:
+    """The benchmarks' set-up: the installed SmolLM2 converted into WORK/teacher, and the protocol
+    over its held-out text (WORK/heldout.txt) with passkey retrieval at 512, 1024 and 2048 tokens."""
+    teacher = converted(smollm2_gguf(), work / "teacher")
+    text = heldout_text(stage_config("smollm2.yaml"), work / "heldout.txt")
+    passkey = evaluation.PasskeyRequest((512, 1024, 2048), trials=passkey_trials)
+    return teacher, Protocol(text, max_tokens=max_tokens, passkey=passkey)
+
+
 def measure(checkpoint: Path, protocol: Protocol, overrides: Sequence[str] = (), passkey: bool = False,
             progress: bool = True) -> dict:
     """evaluation.evaluate of the checkpoint (loaded with ``overrides``) under ``protocol``."""
