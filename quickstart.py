@@ -25,9 +25,9 @@ import numpy as np
 
 from lin_llm import load_checkpoint, pipeline
 from lin_llm.benchmarking import compare_decoding
+from lin_llm.cli.common import one_paragraph, run_command
 from lin_llm.decoding import speculative_generate
 from lin_llm.decoding.text import encode_prompt
-from lin_llm.errors import LinLLMError
 from lin_llm.io.atomic import write_text
 from lin_llm.model import param_shapes
 from lin_llm.tokenizer import model_tokenizer
@@ -141,17 +141,18 @@ def main(argv=None) -> int:
     work = Path(args.workdir).absolute()
     if args.fresh:
         shutil.rmtree(work, ignore_errors=True)
-    try:
-        report = tiny(args, work) if args.tiny else real(args, work)
-    except pipeline.Interrupted as err:
-        print(f"interrupted: {err}", file=sys.stderr)
-        return 128 + err.signal
-    except LinLLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    write_text(work / "report.json", json.dumps(report, indent=1))
-    print(f"report: {work / 'report.json'} ({report['seconds']:.0f} s)")
-    return 0
+
+    def body() -> int:
+        try:
+            report = tiny(args, work) if args.tiny else real(args, work)
+        except pipeline.Interrupted as err:  # a training stage saved its checkpoint and stopped
+            print(f"interrupted: {one_paragraph(err)}", file=sys.stderr)
+            return 128 + err.signal
+        write_text(work / "report.json", json.dumps(report, indent=1))
+        print(f"report: {work / 'report.json'} ({report['seconds']:.0f} s)")
+        return 0
+
+    return run_command(body, interrupted=lambda: f"finished stages are kept in {work}; run again to continue")
 
 
 if __name__ == "__main__":
