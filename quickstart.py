@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -135,14 +134,13 @@ def main(argv=None) -> int:
     parser.add_argument("--gamma", type=int, default=6, help="draft tokens per target call")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--tiny", action="store_true", help="the byte-level toy pipeline (no pretrained model)")
-    parser.add_argument("--fresh", action="store_true", help="delete --workdir first")
+    parser.add_argument("--fresh", action="store_true", help="delete --workdir first (only one a lin_llm pipeline made)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     work = Path(args.workdir).absolute()
-    if args.fresh:
-        shutil.rmtree(work, ignore_errors=True)
 
     def body() -> int:
+        pipeline.work_directory(work, fresh=args.fresh)
         try:
             report = tiny(args, work) if args.tiny else real(args, work)
         except pipeline.Interrupted as err:  # a training stage saved its checkpoint and stopped

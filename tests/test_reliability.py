@@ -290,3 +290,39 @@ def test_converting_smollm2_holds_about_one_tensor_beyond_the_interpreter(smollm
     assert result.returncode == 0, result.stderr
     peak_mb = int(result.stdout.split()[-1]) / 1024
     assert 300 < peak_mb < 900, peak_mb
+
+
+# --------------------------------------------------------------------------- quickstart --fresh
+
+
+def test_fresh_deletes_only_a_work_directory_a_pipeline_made(tmp_path):
+    from lin_llm.errors import LinLLMError
+    from lin_llm.pipeline import WORK_MARKER, work_directory
+
+    work = work_directory(tmp_path / "work")
+    assert (work / WORK_MARKER).is_file()
+    (work / "stage").mkdir()
+    work_directory(work)  # reused as it is
+    assert (work / "stage").is_dir()
+    work_directory(work, fresh=True)
+    assert sorted(p.name for p in work.iterdir()) == [WORK_MARKER]
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    work_directory(mine)  # the pipeline may write into it, but it stays the user's
+    assert not (mine / WORK_MARKER).exists()
+    with pytest.raises(LinLLMError, match=r"--fresh deletes the work directory, and .*mine was not made by lin_llm"):
+        work_directory(mine, fresh=True)
+    assert (mine / "thesis.txt").read_text() == "years of work"
+
+
+def test_quickstart_fresh_refuses_a_users_directory_before_any_work(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    result = subprocess.run([sys.executable, str(ROOT / "quickstart.py"), "--fresh", "--workdir", str(mine)],
+                            cwd=tmp_path, capture_output=True, text=True, env=_cli_env(), timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: --fresh deletes the work directory") and "Traceback" not in result.stderr
+    assert (mine / "notes.txt").read_text() == "keep me"
