@@ -58,18 +58,16 @@ def work_directory(path: Path, fresh: bool = False) -> Path:
     made or found empty. ``fresh`` deletes it first, but only a directory with that mark: one the
     user made, or filled before the pipeline used it, is refused, never deleted."""
     path = Path(path).absolute()
-    marked = (path / WORK_MARKER).is_file()
+    if path.exists() and not path.is_dir():
+        raise LinLLMError(f"the work directory {path} is a file; choose another --workdir")
     if fresh and path.exists():
-        if not marked and (not path.is_dir() or any(path.iterdir())):
+        if not (path / WORK_MARKER).is_file() and any(path.iterdir()):
             raise LinLLMError(
                 f"--fresh deletes the work directory, and {path} was not made by lin_llm (no {WORK_MARKER} in it): "
                 "choose another --workdir, or delete it yourself"
             )
         shutil.rmtree(path)
-        marked = False
-    if path.exists() and not path.is_dir():
-        raise LinLLMError(f"the work directory {path} is a file; choose another --workdir")
-    if not marked and not (path.exists() and any(path.iterdir())):
+    if not path.exists() or not any(path.iterdir()):
         path.mkdir(parents=True, exist_ok=True)
         (path / WORK_MARKER).write_text("a lin_llm pipeline's work directory: --fresh may delete it\n")
     return path
