@@ -4,12 +4,15 @@ The layers are chosen both ways lin_llm.layer_choice offers: every k-th layer, a
 attention-transfer loss stayed highest in the all-linear model's transfer. For each model:
 held-out perplexity, passkey retrieval at 512/1024/2048 tokens, and greedy decoding ms/token at
 256 and 8176 tokens of context (8176 + the 16 timed tokens = SmolLM2's 8192 positions).
-Prints one JSON object; writes bench/results/hybrid.{json,md,png}.
+Prints one JSON object; writes bench/results/hybrid-PRESET.{json,md,png} (PRESET: the linear layers'
+preset, "+" written "_").
 
-    python bench/hybrid.py                       # the README's table (~1 h on 2 CPU cores)
+    python bench/hybrid.py                   # the README's first table: hedgehog+conv (~1 h on 2 CPU cores)
+    python bench/hybrid.py --attention aug   # its second: the paper's augmentation
     python bench/hybrid.py --counts 2 --transfer-steps 4 --lora-steps 2 --max-tokens 1024  # a smoke run
 
-Each model's results are kept in WORK/<name>/results.json: a rerun only measures what is missing.
+Each model's results are kept in WORK/<name>/results.json (WORK: runs/hybrid-PRESET by default): a
+rerun only measures what is missing.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ def plot(result: dict, path: Path) -> None:
     ax_ms.set(xlabel="softmax layers (of 30)", ylabel="ms per decoded token", title="decoding latency by context")
     for ax in (ax_ppl, ax_key, ax_ms):
         ax.legend(fontsize=7)
+    fig.suptitle(f"hybrid SmolLM2-135M, linear layers {result['recipe']['attention']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -105,11 +109,12 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--attention", default="aug", help="the linear layers' preset")
+    parser.add_argument("--attention", default="hedgehog+conv",
+                        help="the linear layers' preset (default: the best of bench/linearize.py)")
     parser.add_argument("--counts", type=int, nargs="+", default=[2, 5, 10], help="softmax layers kept (of 30)")
     parser.add_argument("--rules", nargs="+", choices=("every", "highest"), default=["every", "highest"],
                         help="how the softmax layers are chosen: every k-th layer, the highest transfer loss")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "hybrid")
+    parser.add_argument("--work", type=Path, help="where the models are trained (default runs/hybrid-PRESET)")
     parser.add_argument("--transfer-steps", type=int, default=30, help="attention-transfer steps (4 x 512 tokens)")
     parser.add_argument("--lora-steps", type=int, default=8, help="LoRA steps (4 x 512 tokens)")
     parser.add_argument("--max-tokens", type=int, default=2048, help="held-out tokens scored per model")
@@ -118,6 +123,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-steps", type=int, default=16, help="tokens timed per decoding measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
+    name = "hybrid-" + args.attention.replace("+", "_")
+    args.work = args.work or ROOT / "runs" / name
 
     teacher, protocol = pipeline.smollm2_teacher(args.work, args.max_tokens, args.trials)
     # one validation batch per stage: the held-out measurement below is what the table reports
@@ -140,9 +147,9 @@ def main(argv=None) -> int:
         "teacher": _measure(args, teacher, protocol, args.work / "teacher-results"),
         "hybrids": hybrids,
     }
-    out = write_result(result, args.out, "hybrid")
-    (out / "hybrid.md").write_text(table(result))
-    plot(result, out / "hybrid.png")
+    out = write_result(result, args.out, name)
+    (out / f"{name}.md").write_text(table(result))
+    plot(result, out / f"{name}.png")
     print(json.dumps(result))
     return 0
 
