@@ -123,8 +123,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-steps", type=int, default=16, help="tokens timed per decoding measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
-    name = "hybrid-" + args.attention.replace("+", "_")
-    args.work = args.work or ROOT / "runs" / name
+    table_name = "hybrid-" + args.attention.replace("+", "_")
+    args.work = args.work or ROOT / "runs" / table_name
 
     teacher, protocol = pipeline.smollm2_teacher(args.work, args.max_tokens, args.trials)
     # one validation batch per stage: the held-out measurement below is what the table reports
@@ -147,9 +147,9 @@ def main(argv=None) -> int:
         "teacher": _measure(args, teacher, protocol, args.work / "teacher-results"),
         "hybrids": hybrids,
     }
-    out = write_result(result, args.out, name)
-    (out / f"{name}.md").write_text(table(result))
-    plot(result, out / f"{name}.png")
+    out = write_result(result, args.out, table_name)
+    (out / f"{table_name}.md").write_text(table(result))
+    plot(result, out / f"{table_name}.png")
     print(json.dumps(result))
     return 0
 
