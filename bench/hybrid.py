@@ -7,7 +7,7 @@ held-out perplexity, passkey retrieval at 512/1024/2048 tokens, and greedy decod
 Prints one JSON object; writes bench/results/hybrid-PRESET.{json,md,png} (PRESET: the linear layers'
 preset, "+" written "_").
 
-    python bench/hybrid.py                   # the README's first table: hedgehog+conv (~1 h on 2 CPU cores)
+    python bench/hybrid.py                   # the README's first table: hedgehog+conv (~2.5 h on 2 CPU cores)
     python bench/hybrid.py --attention aug   # its second: the paper's augmentation
     python bench/hybrid.py --counts 2 --transfer-steps 4 --lora-steps 2 --max-tokens 1024  # a smoke run
 
